@@ -219,10 +219,18 @@ def pretrain(
     Everything that can fail on user input (data, model shape, checkpoint) is checked before the run directory
     is written to, so a bad invocation leaves an existing run untouched.
     """
-    t_start = time.perf_counter()
-    run_dir = _prepare_run_dir(Path(run_dir) if run_dir is not None else None, resume)
+    threads = torch.get_num_threads()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    try:
+        return _pretrain(config, Path(run_dir) if run_dir is not None else None, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(config: TrainConfig, run_dir: Path | None, resume: bool) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    run_dir = _prepare_run_dir(run_dir, resume)
     device = resolve_device(config.train.device)
     amp = autocast_dtype(device, config.train.precision)
     model_cfg = config.model.build()
