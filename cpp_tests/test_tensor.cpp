@@ -21,6 +21,8 @@ TEST(TensorView, Contiguity) {
     EXPECT_FALSE(make({4, 128}, {1, 4}).is_contiguous());
     EXPECT_TRUE(make({1, 128}, {999, 1}).is_contiguous());  // size-1 dims may have any stride
     EXPECT_TRUE(make({0, 3}, {3, 1}).is_contiguous());
+    EXPECT_TRUE(make({0, 3}, {1, 0}).is_contiguous());  // empty: contiguous whatever the strides, as in torch
+    EXPECT_TRUE(make({3, 0, 2}, {7, 5, 3}).is_contiguous());
     EXPECT_EQ(make({2, 3, 4}, {12, 4, 1}).numel(), 24);
 }
 
@@ -47,4 +49,6 @@ TEST(DType, NamesRoundTrip) {
     }
     EXPECT_EQ(k2::dtype_size(k2::DType::Float8E5M2), 1u);
     EXPECT_THROW(k2::dtype_from_name("complex64"), k2::ArgumentError);
+    EXPECT_FALSE(k2::find_dtype("complex64").has_value());
+    EXPECT_EQ(k2::find_dtype("bfloat16"), k2::DType::BFloat16);
 }

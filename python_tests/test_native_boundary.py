@@ -100,7 +100,7 @@ def test_bad_views_name_op_and_argument():
     _bad(v[:5], op + "expected a view .* got a tuple of 5 items")
     _bad((v[0], (4, -1), v[2], *v[3:]), op + "negative size")
     _bad((v[0], (4, 256), (256,), *v[3:]), op + "shape has 2 dims but strides has 1")
-    _bad((v[0], v[1], v[2], "complex64", *v[4:]), "unsupported dtype 'complex64'")  # common/py_view: no op name yet
+    _bad((v[0], v[1], v[2], "complex64", *v[4:]), op + "unsupported dtype 'complex64'")
     _bad((0, *v[1:]), op + "null data pointer")
     _bad((v[0], v[1], v[2], v[3], "tpu", 0), op + "expected device 'cpu' or 'cuda'")
     _bad(object(), op + "expected a tensor view tuple or an object with __dlpack__")
@@ -144,3 +144,13 @@ def test_cuda_view_is_rejected_naming_op_and_argument():
         C.quantize_128x128(
             w_view, _native.view(torch.empty(128, 128, dtype=torch.float8_e4m3fn)), _native.view(torch.empty(1, 1)), 0
         )
+
+
+@needs_native
+def test_empty_tensors_are_contiguous_whatever_their_strides():
+    x = torch.empty(0, 300)
+    q = torch.empty(300, 0, dtype=torch.float8_e4m3fn).mT  # shape [0, 300], strides (1, 300)
+    s = torch.empty(3, 0).mT
+    C.quantize_1x128(_native.view(x), _native.view(q), _native.view(s), False, 0)
+    ref_q, ref_s = reference.quantize_1x128(x, torch.float8_e4m3fn, False)
+    assert q.shape == ref_q.shape and s.shape == ref_s.shape

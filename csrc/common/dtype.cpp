@@ -17,9 +17,14 @@ constexpr DTypeInfo kDTypes[] = {
 };
 }  // namespace
 
-DType dtype_from_name(const std::string& name) {
+std::optional<DType> find_dtype(const std::string& name) {
     for (const auto& info : kDTypes)
         if (name == info.name) return info.dtype;
+    return std::nullopt;
+}
+
+DType dtype_from_name(const std::string& name) {
+    if (auto dtype = find_dtype(name)) return *dtype;
     throw ArgumentError("k2: unsupported dtype '" + name + "'");
 }
 

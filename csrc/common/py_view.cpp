@@ -98,7 +98,10 @@ PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
         out.view.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
         out.view.shape = tup[1].cast<std::vector<int64_t>>();
         out.view.strides = tup[2].cast<std::vector<int64_t>>();
-        out.view.dtype = dtype_from_name(tup[3].cast<std::string>());
+        auto dtype_name = tup[3].cast<std::string>();
+        auto dtype = find_dtype(dtype_name);
+        K2_CHECK_ARG(dtype.has_value(), op, arg, "unsupported dtype '", dtype_name, "'");
+        out.view.dtype = *dtype;
         auto device = tup[4].cast<std::string>();
         K2_CHECK_ARG(device == "cpu" || device == "cuda", op, arg, "expected device 'cpu' or 'cuda', got '", device,
                      "'");
