@@ -74,9 +74,7 @@ def grouped_gemm_fp8(
     if x_scale.shape != (t, kb) or x_scale.dtype != torch.float32:
         raise ValueError(f"{op}: x_scale must be float32 [{t}, {kb}], got {x_scale.dtype} {tuple(x_scale.shape)}")
     if w_scale.shape != (e, nb, kb) or w_scale.dtype != torch.float32:
-        raise ValueError(
-            f"{op}: w_scale must be float32 [{e}, {nb}, {kb}], got {w_scale.dtype} {tuple(w_scale.shape)}"
-        )
+        raise ValueError(f"{op}: w_scale must be float32 [{e}, {nb}, {kb}], got {w_scale.dtype} {tuple(w_scale.shape)}")
     if offsets.dtype != torch.int32 or offsets.shape != (e,):
         raise ValueError(f"{op}: offsets must be int32 [{e}], got {offsets.dtype} {tuple(offsets.shape)}")
     if len({x.device, x_scale.device, w.device, w_scale.device, offsets.device}) != 1:
