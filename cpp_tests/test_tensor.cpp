@@ -43,8 +43,8 @@ TEST(TensorView, ErrorsNameOpArgumentAndExpectation) {
 }
 
 TEST(DType, NamesRoundTrip) {
-    for (auto d : {k2::DType::Float32, k2::DType::BFloat16, k2::DType::Float8E4M3, k2::DType::Float8E5M2,
-                   k2::DType::Int32}) {
+    for (auto d :
+         {k2::DType::Float32, k2::DType::BFloat16, k2::DType::Float8E4M3, k2::DType::Float8E5M2, k2::DType::Int32}) {
         EXPECT_EQ(k2::dtype_from_name(k2::dtype_name(d)), d);
     }
     EXPECT_EQ(k2::dtype_size(k2::DType::Float8E5M2), 1u);

@@ -18,9 +18,10 @@ TEST(ThreadPool, VisitsEveryIndexOnce) {
 }
 
 TEST(ThreadPool, PropagatesExceptions) {
-    EXPECT_THROW(k2::parallel_for(1000, 1, [](int64_t b, int64_t) {
-                     if (b >= 500) throw std::runtime_error("boom");
-                 }),
+    EXPECT_THROW(k2::parallel_for(1000, 1,
+                                  [](int64_t b, int64_t) {
+                                      if (b >= 500) throw std::runtime_error("boom");
+                                  }),
                  std::runtime_error);
     // The pool stays usable afterwards.
     std::atomic<int64_t> sum{0};

@@ -49,8 +49,9 @@ py::dict build_info() {
 
 void register_common(py::module_& m) {
     m.def("build_info", &build_info, "How this extension was built: version, compiler, CUDA and its architectures.");
-    m.def("available", [] { return kernel_families(); },
-          "Kernel families in this build and the device types ('cpu', 'cuda') each has kernels for.");
+    m.def(
+        "available", [] { return kernel_families(); },
+        "Kernel families in this build and the device types ('cpu', 'cuda') each has kernels for.");
     m.def("num_threads", &num_threads, "Threads the CPU kernels use (K2_NUM_THREADS, default all cores).");
     m.def("set_num_threads", &set_num_threads, py::arg("n"), "Sets the CPU kernels' thread count.");
     m.def(

@@ -39,7 +39,7 @@ template <typename... Parts>
 }  // namespace k2
 
 // K2_CHECK_ARG(cond, op, arg, message parts...): throws k2::ArgumentError naming op and argument.
-#define K2_CHECK_ARG(cond, op, arg, ...)                 \
-    do {                                                 \
+#define K2_CHECK_ARG(cond, op, arg, ...)                        \
+    do {                                                        \
         if (!(cond)) ::k2::fail_argument(op, arg, __VA_ARGS__); \
     } while (0)

@@ -16,6 +16,8 @@ std::optional<DType> find_dtype(const std::string& name);
 DType dtype_from_name(const std::string& name);
 const char* dtype_name(DType dtype);
 std::size_t dtype_size(DType dtype);
-inline bool is_float8(DType d) { return d == DType::Float8E4M3 || d == DType::Float8E5M2; }
+inline bool is_float8(DType d) {
+    return d == DType::Float8E4M3 || d == DType::Float8E5M2;
+}
 
 }  // namespace k2

@@ -117,7 +117,8 @@ PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
     K2_CHECK_ARG(out.view.shape.size() == out.view.strides.size(), op, arg, "shape has ", out.view.shape.size(),
                  " dims but strides has ", out.view.strides.size());
     for (int64_t s : out.view.shape) K2_CHECK_ARG(s >= 0, op, arg, "negative size in shape");
-    K2_CHECK_ARG(out.view.data != nullptr || out.view.numel() == 0, op, arg, "null data pointer for a non-empty tensor");
+    K2_CHECK_ARG(out.view.data != nullptr || out.view.numel() == 0, op, arg,
+                 "null data pointer for a non-empty tensor");
     return out;
 }
 

@@ -9,8 +9,12 @@ std::map<std::string, std::set<std::string>>& families() {
 }
 }  // namespace
 
-void add_kernel_family(const std::string& family, const std::string& device) { families()[family].insert(device); }
+void add_kernel_family(const std::string& family, const std::string& device) {
+    families()[family].insert(device);
+}
 
-const std::map<std::string, std::set<std::string>>& kernel_families() { return families(); }
+const std::map<std::string, std::set<std::string>>& kernel_families() {
+    return families();
+}
 
 }  // namespace k2

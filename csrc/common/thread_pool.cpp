@@ -113,15 +113,21 @@ int default_threads() {
 }
 
 // fork() keeps only the calling thread: hold the pool lock across it, and let the child start a fresh pool.
-void lock_before_fork() { g_pool_mu.lock(); }
-void unlock_in_parent() { g_pool_mu.unlock(); }
+void lock_before_fork() {
+    g_pool_mu.lock();
+}
+void unlock_in_parent() {
+    g_pool_mu.unlock();
+}
 void forget_pool_in_child() {
     g_pool = nullptr;
     g_pool_mu.unlock();
 }
 
 ThreadPool& pool() {
-    static const bool registered = [] { return pthread_atfork(lock_before_fork, unlock_in_parent, forget_pool_in_child) == 0; }();
+    static const bool registered = [] {
+        return pthread_atfork(lock_before_fork, unlock_in_parent, forget_pool_in_child) == 0;
+    }();
     (void)registered;
     std::lock_guard<std::mutex> lock(g_pool_mu);
     if (!g_pool) g_pool = new ThreadPool(g_requested_threads > 0 ? g_requested_threads : default_threads());
@@ -147,7 +153,9 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     p.run(n, chunk, fn);
 }
 
-int num_threads() { return pool().size(); }
+int num_threads() {
+    return pool().size();
+}
 
 void set_num_threads(int n) {
     std::lock_guard<std::mutex> lock(g_pool_mu);

@@ -14,7 +14,7 @@ namespace k2 {
 // pool's threads and the caller's. Returns when all chunks are done; rethrows the first exception thrown.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
-int num_threads();             // threads parallel_for uses, the caller included
-void set_num_threads(int n);   // n >= 1; rebuilds the pool
+int num_threads();            // threads parallel_for uses, the caller included
+void set_num_threads(int n);  // n >= 1; rebuilds the pool
 
 }  // namespace k2
