@@ -1,4 +1,5 @@
-"""Shared pytest setup: ``gpu``-marked tests skip cleanly when there is no CUDA device or no CUDA build of k2."""
+"""Shared pytest setup: ``gpu``-marked tests skip cleanly when there is no CUDA device or no CUDA build of k2;
+``one_thread`` runs a test with one intra-op thread."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def _gpu_skip_reason() -> str | None:
     if not _C.build_info()["cuda"]:
         return "k2._C was built without CUDA kernels"
     return None
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: a second intra-op thread only adds synchronisation on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,13 +24,7 @@ YARN = {
 VARIANTS = {"tiny": {}, "no_q_lora+yarn": {"q_lora_rank": None, "rope_scaling": YARN}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads hurt on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **changes) -> Transformer:

@@ -11,13 +11,7 @@ from k2.optim import Muon
 SHAPES = [(32, 48), (48, 32), (32, 48), (16, 16), (64, 8)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small matrices: a second intra-op thread only adds synchronisation on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(opt_cls, shapes, steps=4, seed=0, **kwargs):

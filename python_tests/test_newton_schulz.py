@@ -15,13 +15,7 @@ from k2.ops.newton_schulz import PRESETS, ns_coefficients
 QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small matrices: a second intra-op thread only adds synchronisation on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torch_oracle(x: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -13,22 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_checkpoint import MICRO_MODEL
 
 from k2.train.metrics import read_metrics
 
 MICRO = [
-    "model.hidden_size=32",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=2",
-    "model.q_lora_rank=16",
-    "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=8",
-    "model.qk_rope_head_dim=8",
-    "model.v_head_dim=8",
-    "model.intermediate_size=64",
-    "model.moe_intermediate_size=32",
-    "model.n_routed_experts=4",
-    "model.num_experts_per_tok=2",
+    *MICRO_MODEL,
     "data.context_len=32",
     "data.corpus_documents=300",
     "data.heldout_fraction=0.1",

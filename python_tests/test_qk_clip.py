@@ -13,14 +13,7 @@ from torch import nn
 from k2.model import Transformer, presets
 from k2.optim import MuonClip, qk_clip_
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: a second intra-op thread only adds synchronisation on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**overrides) -> Transformer:

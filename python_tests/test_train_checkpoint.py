@@ -15,16 +15,10 @@ from k2.train import checkpoint as ckpt
 from k2.train.config import build_config
 from k2.train.loop import build_optimizer, train_step
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the trainer's default; 2 spinning threads crawl on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-MICRO = [
+MICRO_MODEL = [  # a 2-layer MLA + MoE model that trains in milliseconds per step
     "model.hidden_size=32",
     "model.num_hidden_layers=2",
     "model.num_attention_heads=2",
@@ -37,6 +31,9 @@ MICRO = [
     "model.moe_intermediate_size=32",
     "model.n_routed_experts=4",
     "model.num_experts_per_tok=2",
+]
+MICRO = [
+    *MICRO_MODEL,
     "data.context_len=32",
     "train.batch_size=4",
     "optim.warmup_steps=0",

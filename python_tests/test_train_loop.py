@@ -16,13 +16,7 @@ from k2.train.checkpoint import list_checkpoints
 from k2.train.loop import build_optimizer, train_step
 from k2.train.metrics import read_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what the trainer's default does; much faster on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RUN = [
