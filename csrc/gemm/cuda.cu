@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/cuda_elements.cuh"
 #include "common/nvtx.h"
 #include "gemm/gemm.h"
 #include "gemm/kernels.h"
@@ -15,7 +16,7 @@
 namespace k2::gemm {
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(std::string("k2 gemm: ") + what + ": " + cudaGetErrorString(err));
+    cu::check(err, "gemm", what);
 }
 
 void fail_cutlass(const char* what, const std::string& status) {

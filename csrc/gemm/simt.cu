@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/cuda_elements.cuh"
 #include "common/nvtx.h"
 #include "gemm/kernels.h"
 
@@ -17,24 +18,8 @@ namespace {
 
 constexpr int BLOCK_M = 64, BLOCK_N = 64, BLOCK_K = 16, kThreads = 256, kMicro = 4;
 
-__device__ __forceinline__ float to_f32(float v) {
-    return v;
-}
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-__device__ __forceinline__ float to_f32(__half v) {
-    return __half2float(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) {
-    if constexpr (std::is_same_v<T, float>)
-        return v;
-    else if constexpr (std::is_same_v<T, __nv_bfloat16>)
-        return __float2bfloat16(v);
-    else
-        return __float2half(v);
-}
+using cu::from_f32;
+using cu::to_f32;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)

@@ -17,6 +17,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_elements.cuh"
 #include "common/nvtx.h"
 #include "moe/moe.h"
 
@@ -27,46 +28,11 @@ namespace {
 constexpr int kThreads = 256;
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(std::string("k2 moe: ") + what + ": " + cudaGetErrorString(err));
+    cu::check(err, "moe", what);
 }
 
-__device__ __forceinline__ float load(const float* p) {
-    return *p;
-}
-__device__ __forceinline__ float load(const __nv_bfloat16* p) {
-    return __bfloat162float(*p);
-}
-__device__ __forceinline__ float load(const __half* p) {
-    return __half2float(*p);
-}
-template <typename T>
-__device__ __forceinline__ T store_as(float v);
-template <>
-__device__ __forceinline__ float store_as<float>(float v) {
-    return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) {
-    return __float2bfloat16(v);
-}
-template <>
-__device__ __forceinline__ __half store_as<__half>(float v) {
-    return __float2half(v);
-}
-
-template <typename Fn>
-void dispatch_float(DType dtype, Fn&& fn) {
-    switch (dtype) {
-        case DType::Float32:
-            return fn(float{});
-        case DType::BFloat16:
-            return fn(__nv_bfloat16{});
-        case DType::Float16:
-            return fn(__half{});
-        default:
-            throw std::invalid_argument("k2 moe: unsupported dtype");
-    }
-}
+using cu::from_f32;
+using cu::to_f32;
 
 unsigned grid_for(int64_t n, int threads) {
     return unsigned(std::min<int64_t>((n + threads - 1) / threads, 65535 * 32));
@@ -137,9 +103,9 @@ __global__ void combine_rows(const Data* y_sorted, const int32_t* inverse, const
             float acc = 0.0f;
             for (int64_t k = 0; k < top_k; ++k) {
                 const int64_t f = t * top_k + k;
-                acc += load(weights + f) * load(y_sorted + int64_t(inverse[f]) * hidden + d);
+                acc += to_f32(weights[f]) * to_f32(y_sorted[int64_t(inverse[f]) * hidden + d]);
             }
-            y[t * hidden + d] = store_as<Data>(acc);
+            y[t * hidden + d] = from_f32<Data>(acc);
         }
     }
 }
@@ -152,16 +118,16 @@ __global__ void unpermute_backward_rows(const Data* dy, const Data* y_sorted, co
     __shared__ typename Reduce::TempStorage scratch;
     for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
         const int64_t f = row_map[i];
-        const float w = load(weights + f);
+        const float w = to_f32(weights[f]);
         const Data* g = dy + (f / top_k) * hidden;
         float dot = 0.0f;
         for (int64_t d = threadIdx.x; d < hidden; d += kThreads) {
-            const float gd = load(g + d);
-            dy_sorted[i * hidden + d] = store_as<Data>(w * gd);
-            dot += load(y_sorted + i * hidden + d) * gd;
+            const float gd = to_f32(g[d]);
+            dy_sorted[i * hidden + d] = from_f32<Data>(w * gd);
+            dot += to_f32(y_sorted[i * hidden + d]) * gd;
         }
         dot = Reduce(scratch).Sum(dot);
-        if (threadIdx.x == 0) dweights[f] = store_as<Weight>(dot);
+        if (threadIdx.x == 0) dweights[f] = from_f32<Weight>(dot);
         __syncthreads();  // scratch is reused by the next row
     }
 }
@@ -222,9 +188,9 @@ void unpermute_cuda(const UnpermuteParams& p, void* stream_handle) {
     check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&inverse), sizeof(int32_t) * n, stream), "cudaMallocAsync");
     invert_permutation<<<grid_for(n, kThreads), kThreads, 0, stream>>>(p.row_map, inverse, n);
     const unsigned blocks = unsigned(std::min<int64_t>(p.num_tokens, 65535 * 8));
-    dispatch_float(p.dtype, [&](auto data_tag) {
+    cu::dispatch_float(p.dtype, "moe", [&](auto data_tag) {
         using Data = decltype(data_tag);
-        dispatch_float(p.weight_dtype, [&](auto weight_tag) {
+        cu::dispatch_float(p.weight_dtype, "moe", [&](auto weight_tag) {
             using Weight = decltype(weight_tag);
             combine_rows<<<blocks, kThreads, 0, stream>>>(static_cast<const Data*>(p.y_sorted), inverse,
                                                           static_cast<const Weight*>(p.weights),
@@ -241,9 +207,9 @@ void unpermute_backward_cuda(const UnpermuteBackwardParams& p, void* stream_hand
     const int64_t n = p.num_tokens * p.top_k;
     if (n == 0) return;
     const unsigned blocks = unsigned(std::min<int64_t>(n, 65535 * 8));
-    dispatch_float(p.dtype, [&](auto data_tag) {
+    cu::dispatch_float(p.dtype, "moe", [&](auto data_tag) {
         using Data = decltype(data_tag);
-        dispatch_float(p.weight_dtype, [&](auto weight_tag) {
+        cu::dispatch_float(p.weight_dtype, "moe", [&](auto weight_tag) {
             using Weight = decltype(weight_tag);
             unpermute_backward_rows<<<blocks, kThreads, 0, stream>>>(
                 static_cast<const Data*>(p.dy), static_cast<const Data*>(p.y_sorted), p.row_map,

@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/cuda_elements.cuh"
 #include "common/nvtx.h"
 #include "gemm/gemm.h"
 #include "optim/optim.h"
@@ -21,37 +22,15 @@ namespace k2::optim {
 namespace {
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess)
-        throw std::runtime_error(std::string("k2 newton_schulz: ") + what + ": " + cudaGetErrorString(err));
+    cu::check(err, "newton_schulz", what);
 }
 
-__device__ __forceinline__ float to_f32(float v) {
-    return v;
-}
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-__device__ __forceinline__ float to_f32(__half v) {
-    return __half2float(v);
-}
+using cu::to_f32;
+
 // The value torch's x.bfloat16() gives, as float.
 template <typename T>
 __device__ __forceinline__ float as_bf16(T v) {
     return __bfloat162float(__float2bfloat16(to_f32(v)));
-}
-
-template <typename Fn>
-void dispatch_float(DType dtype, Fn&& fn) {
-    switch (dtype) {
-        case DType::Float32:
-            return fn(float{});
-        case DType::BFloat16:
-            return fn(__nv_bfloat16{});
-        case DType::Float16:
-            return fn(__half{});
-        default:
-            throw std::invalid_argument("k2 newton_schulz: expected float32, bfloat16 or float16");
-    }
 }
 
 // sums[b] += sum of squares of bf16(x_b); grid (chunks, batch).
@@ -157,7 +136,7 @@ void newton_schulz_cuda(const NewtonSchulzParams& p, void* stream_handle) {
     // Normalise.
     const dim3 grid = elementwise_grid(per_matrix, p.batch);
     check_cuda(cudaMemsetAsync(sums, 0, p.batch * 4, stream), "memset");
-    dispatch_float(p.x_dtype, [&](auto tag) {
+    cu::dispatch_float(p.x_dtype, "newton_schulz", [&](auto tag) {
         using T = decltype(tag);
         sum_squares<<<grid, 256, 0, stream>>>(static_cast<const T*>(p.x), per_matrix, sums);
         normalise<<<grid, 256, 0, stream>>>(static_cast<const T*>(p.x), sums, p.eps, X, p.m, p.n, transpose);
@@ -174,7 +153,7 @@ void newton_schulz_cuda(const NewtonSchulzParams& p, void* stream_handle) {
         std::swap(X, X_next);
     }
 
-    dispatch_float(p.out_dtype, [&](auto tag) {
+    cu::dispatch_float(p.out_dtype, "newton_schulz", [&](auto tag) {
         using T = decltype(tag);
         write_out<<<grid, 256, 0, stream>>>(X, static_cast<T*>(p.out), p.m, p.n, transpose);
     });
