@@ -14,12 +14,6 @@ namespace k2 {
 
 namespace {
 
-#ifdef K2_WITH_CUDA
-constexpr bool kHasCuda = true;
-#else
-constexpr bool kHasCuda = false;
-#endif
-
 const std::initializer_list<DType> kFloatTypes = {DType::Float32, DType::BFloat16, DType::Float16};
 
 // Checks every view is contiguous and on the first one's device; returns whether that device is CUDA.

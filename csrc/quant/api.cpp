@@ -16,12 +16,6 @@ namespace k2 {
 
 namespace {
 
-#ifdef K2_WITH_CUDA
-constexpr bool kHasCuda = true;
-#else
-constexpr bool kHasCuda = false;
-#endif
-
 using quant::Fp8;
 using quant::kGroup;
 
