@@ -23,6 +23,11 @@ except ImportError:  # a source tree without a build: every op runs its PyTorch 
 
 View = tuple[int, tuple[int, ...], tuple[int, ...], str, str, int]
 
+# Fixed when the extension loads: family -> device types with a kernel. Read once, not at every op call.
+_KERNELS: dict[str, frozenset[str]] = (
+    {} if _native_module is None else {f: frozenset(d) for f, d in _native_module.available().items()}
+)
+
 
 def native() -> ModuleType | None:
     """The loaded ``k2._C`` module, or None when k2 was not built with native kernels."""
@@ -36,16 +41,17 @@ def forced_reference() -> bool:
 
 def available() -> dict[str, list[str]]:
     """Kernel families compiled into ``k2._C`` and the device types each has kernels for."""
-    if _native_module is None:
-        return {}
-    return {family: sorted(devices) for family, devices in _native_module.available().items()}
+    return {family: sorted(devices) for family, devices in _KERNELS.items()}
 
 
 def has_kernel(family: str, device: torch.device) -> bool:
     """Whether ``family`` has a native kernel for ``device`` that dispatch may use now."""
-    if _native_module is None or forced_reference():
-        return False
-    return device.type in _native_module.available().get(family, ())
+    return device.type in _KERNELS.get(family, ()) and not forced_reference()
+
+
+def kernel_module(family: str, device: torch.device) -> ModuleType | None:
+    """``k2._C`` when dispatch should run ``family``'s native kernel for ``device`` now, else None (reference)."""
+    return _native_module if has_kernel(family, device) else None
 
 
 def view(t: torch.Tensor) -> View:

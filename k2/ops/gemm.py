@@ -44,15 +44,9 @@ def _check(op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tra
         )
 
 
-def _native_kernel(device: torch.device):
-    if device.type in ("cuda", "cpu") and _native.has_kernel(_FAMILY, device):
-        return _native.native()
-    return None
-
-
 @torch.library.custom_op("k2::grouped_gemm", mutates_args=())
 def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> torch.Tensor:
-    mod = _native_kernel(x.device)
+    mod = _native.kernel_module(_FAMILY, x.device)
     if mod is None:
         return reference.grouped_gemm(x, w, offsets, trans_w)
     x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
@@ -69,7 +63,7 @@ def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) ->
 
 @torch.library.custom_op("k2::grouped_gemm_wgrad", mutates_args=())
 def _grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> torch.Tensor:
-    mod = _native_kernel(x.device)
+    mod = _native.kernel_module(_FAMILY, x.device)
     if mod is None:
         return reference.grouped_gemm_wgrad(x, dy, offsets, trans_w)
     x, dy, offsets = x.contiguous(), dy.contiguous(), offsets.contiguous()

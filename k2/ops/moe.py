@@ -23,12 +23,6 @@ from k2.ops import _native, reference
 _FAMILY = "moe"
 
 
-def _native_kernel(device: torch.device):
-    if device.type in ("cuda", "cpu") and _native.has_kernel(_FAMILY, device):
-        return _native.native()
-    return None
-
-
 # ---- moe_permute -------------------------------------------------------------------------------------------
 
 
@@ -36,7 +30,7 @@ def _native_kernel(device: torch.device):
 def _moe_permute(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mod = _native_kernel(x.device)
+    mod = _native.kernel_module(_FAMILY, x.device)
     if mod is None:
         return reference.moe_permute(x, topk_ids, num_experts)
     x, topk_ids = x.contiguous(), topk_ids.contiguous()
@@ -106,7 +100,7 @@ def moe_permute(
 
 @torch.library.custom_op("k2::moe_unpermute", mutates_args=())
 def _moe_unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    mod = _native_kernel(y_sorted.device)
+    mod = _native.kernel_module(_FAMILY, y_sorted.device)
     if mod is None:
         return reference.moe_unpermute(y_sorted, row_map, topk_weights)
     y_sorted, topk_weights = y_sorted.contiguous(), topk_weights.contiguous()
@@ -125,7 +119,7 @@ def _(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor)
 def _moe_unpermute_backward(
     dy: torch.Tensor, y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native_kernel(dy.device)
+    mod = _native.kernel_module(_FAMILY, dy.device)
     if mod is None:
         return reference.moe_unpermute_backward(dy, y_sorted, row_map, topk_weights)
     dy, y_sorted, topk_weights = dy.contiguous(), y_sorted.contiguous(), topk_weights.contiguous()

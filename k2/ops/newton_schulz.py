@@ -128,7 +128,7 @@ def _cpu_has_bf16_gemm() -> bool:
 def _newton_schulz(x: torch.Tensor, coefficients: list[float], eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     triples = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
     device = x.device
-    if device.type in ("cuda", "cpu") and _native.has_kernel(_FAMILY, device):
+    if _native.has_kernel(_FAMILY, device):
         x = x.contiguous()
         out = torch.empty(x.shape, dtype=out_dtype, device=device)
         _native.native().newton_schulz(_native.view(x), _native.view(out), coefficients, eps, _native.stream(device))

@@ -38,12 +38,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _native_kernel(device: torch.device):
-    if device.type in ("cuda", "cpu") and _native.has_kernel(_FAMILY, device):
-        return _native.native()
-    return None
-
-
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim has stride 1 (the kernels read strided rows in place), else a copy."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -71,7 +65,7 @@ def _check_fp8(op: str, arg: str, dtype: torch.dtype) -> None:
 
 @torch.library.custom_op("k2::quantize_1x128", mutates_args=())
 def _quantize_1x128(x: torch.Tensor, dtype: torch.dtype, pow2_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native_kernel(x.device)
+    mod = _native.kernel_module(_FAMILY, x.device)
     if mod is None:
         return reference.quantize_1x128(x, dtype, pow2_scale)
     x = _unit_last_stride(x)
@@ -115,7 +109,7 @@ def quantize_1x128(
 def _quantize_1x128_transposed(
     x: torch.Tensor, dtype: torch.dtype, pow2_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native_kernel(x.device)
+    mod = _native.kernel_module(_FAMILY, x.device)
     if mod is None:
         return reference.quantize_1x128_transposed(x, dtype, pow2_scale)
     x = _unit_last_stride(x)
@@ -162,7 +156,7 @@ def quantize_1x128_transposed(
 
 @torch.library.custom_op("k2::quantize_128x128", mutates_args=())
 def _quantize_128x128(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native_kernel(w.device)
+    mod = _native.kernel_module(_FAMILY, w.device)
     if mod is None:
         return reference.quantize_128x128(w, dtype)
     w = _unit_last_stride(w)
@@ -200,7 +194,7 @@ def quantize_128x128(w: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3f
 
 @torch.library.custom_op("k2::dequantize_128x128", mutates_args=())
 def _dequantize_128x128(q: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    mod = _native_kernel(q.device)
+    mod = _native.kernel_module(_FAMILY, q.device)
     if mod is None:
         return reference.dequantize_128x128(q, scale_inv, out_dtype)
     q, scale_inv = _unit_last_stride(q), scale_inv.contiguous()
