@@ -188,11 +188,7 @@ class MuonClip(Muon):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """Muon and AdamW updates, then QK-Clip from the last training forward's max logits."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._muon_step()
+        loss = super().step(closure)  # closure, then the Muon update of the matrices
         self._adamw_step()
         if self.qk_clip_tau is not None and self.attention:
             group = None if self._zero is None else self._zero.group
