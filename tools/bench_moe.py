@@ -14,28 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import best_time
 
 from k2.ops import _native, grouped_gemm, moe_permute, moe_unpermute, reference
-
-
-def _time(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
-    """Fastest of ``repeat`` runs, in seconds (the least disturbed by other work on a shared machine)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class _Reference:
@@ -81,8 +64,8 @@ def bench_permutation(t: int, k: int, d: int, e: int, dtype: torch.dtype, device
     }
     rows = []
     for name, (k2_fn, ref_fn) in ops.items():
-        t_k2 = _time(k2_fn, device, repeat)
-        t_ref = _time(ref_fn, device, repeat)
+        t_k2 = best_time(k2_fn, device, repeat)
+        t_ref = best_time(ref_fn, device, repeat)
         rows.append(
             {
                 "op": f"moe_{name}",
@@ -122,7 +105,7 @@ def bench_grouped_gemm(t: int, k: int, d: int, f: int, e: int, dtype: torch.dtyp
     if device.type == "cuda":
         dense_w = (torch.randn(f, d, device=device) / d**0.5).to(dtype)
         candidates["dense GEMM, same FLOPs"] = lambda: x @ dense_w.t()
-    times = {name: _time(fn, device, repeat) for name, fn in candidates.items()}
+    times = {name: best_time(fn, device, repeat) for name, fn in candidates.items()}
     base = times["k2.ops.grouped_gemm"]
     return [
         {
@@ -148,9 +131,9 @@ def bench_dispatch_combine(t: int, k: int, d: int, e: int, device: torch.device,
 
     t_k2, t_ref = float("inf"), float("inf")
     for _ in range(repeat):  # interleaved, as in bench_moe_layer
-        t_k2 = min(t_k2, _time(step, device, 1, warmup=1))
+        t_k2 = min(t_k2, best_time(step, device, 1, warmup=1))
         with _Reference():
-            t_ref = min(t_ref, _time(step, device, 1, warmup=1))
+            t_ref = min(t_ref, best_time(step, device, 1, warmup=1))
     return [
         {
             "op": "MoE permute+unpermute fwd+bwd",
@@ -192,9 +175,9 @@ def bench_moe_layer(t: int, d: int, f: int, e: int, k: int, device: torch.device
     # Interleave the two configurations so drifting load on a shared machine hits both alike.
     t_k2, t_ref = float("inf"), float("inf")
     for _ in range(repeat):
-        t_k2 = min(t_k2, _time(step, device, 1, warmup=1))
+        t_k2 = min(t_k2, best_time(step, device, 1, warmup=1))
         with _Reference():
-            t_ref = min(t_ref, _time(step, device, 1, warmup=1))
+            t_ref = min(t_ref, best_time(step, device, 1, warmup=1))
     return [
         {
             "op": "MoE layer fwd+bwd",

@@ -13,27 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from _timing import best_time
 
 from k2.ops import newton_schulz, reference
 
 QUINTIC = [(3.4445, -4.7750, 2.0315)] * 5
-
-
-def _time(fn, device: torch.device, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def ns_flops(batch: int, m: int, n: int, steps: int = 5) -> int:
@@ -43,7 +29,7 @@ def ns_flops(batch: int, m: int, n: int, steps: int = 5) -> int:
 
 def cpu_matmul_tflops() -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    return 2 * 1024**3 / _time(lambda: a @ b, torch.device("cpu"), 5) / 1e12
+    return 2 * 1024**3 / best_time(lambda: a @ b, torch.device("cpu"), 5, warmup=1) / 1e12
 
 
 def main() -> None:
@@ -63,8 +49,8 @@ def main() -> None:
         b, m, n = (int(v) for v in spec.split("x"))
         g = torch.randn(b, m, n, device=device)
         flops = ns_flops(b, m, n)
-        t_k2 = _time(lambda g=g: newton_schulz(g, steps=5), device, args.repeat)
-        t_ref = _time(lambda g=g: reference.newton_schulz(g, QUINTIC, 1e-7), device, args.repeat)
+        t_k2 = best_time(lambda g=g: newton_schulz(g, steps=5), device, args.repeat, warmup=1)
+        t_ref = best_time(lambda g=g: reference.newton_schulz(g, QUINTIC, 1e-7), device, args.repeat, warmup=1)
         row = {
             "shape": spec,
             "k2_ms": t_k2 * 1e3,
