@@ -66,12 +66,9 @@ def reference_only(monkeypatch):
 
 
 def run_reference(fn, *args, **kwargs):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("K2_OPS", "reference")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("K2_OPS", "reference")
         return fn(*args, **kwargs)
-    finally:
-        mp.undo()
 
 
 # ---- the fp32 -> fp8 primitive vs torch's cast -------------------------------------------------------------

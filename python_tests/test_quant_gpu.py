@@ -17,12 +17,9 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def reference(fn, *args, **kwargs):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("K2_OPS", "reference")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("K2_OPS", "reference")
         return fn(*args, **kwargs)
-    finally:
-        mp.undo()
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
