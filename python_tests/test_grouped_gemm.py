@@ -53,11 +53,40 @@ def test_forward_and_gradients_match_per_expert_loop(t, e, trans_w):
     assert torch.count_nonzero(w.grad[empty]) == 0
 
 
+@pytest.mark.parametrize("trans_w", [True, False])
+def test_out_writes_the_product_into_the_callers_buffer(trans_w):
+    torch.manual_seed(0)
+    counts = _counts(90, 8, seed=3)
+    x = torch.randn(90, 32)
+    w = torch.randn(8, 24, 32) if trans_w else torch.randn(8, 32, 24)
+    dense = torch.full((90, 24), float("nan"))
+    assert grouped_gemm(x, w, _offsets(counts), trans_w=trans_w, out=dense) is dense
+    strided = torch.full((24, 90), float("nan")).t()  # [90, 24] with column-major strides
+    grouped_gemm(x, w, _offsets(counts), trans_w=trans_w, out=strided)
+    expected = _loop(x, w, counts, trans_w)
+    torch.testing.assert_close(dense, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(strided, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_out_argument_errors():
+    x, w, offsets = torch.randn(8, 16), torch.randn(3, 24, 16), _offsets([3, 0, 5])
+    with pytest.raises(ValueError, match=r"out must be torch.float32 \(8, 24\)"):
+        grouped_gemm(x, w, offsets, trans_w=True, out=torch.empty(8, 16))
+    with pytest.raises(ValueError, match=r"out must be torch\.float32 \(8, 24\) on cpu, got torch\.bfloat16"):
+        grouped_gemm(x, w, offsets, trans_w=True, out=torch.empty(8, 24, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out= does not support autograd"):
+        grouped_gemm(x, w.requires_grad_(), offsets, trans_w=True, out=torch.empty(8, 24))
+    with torch.no_grad():
+        grouped_gemm(x, w, offsets, trans_w=True, out=torch.empty(8, 24))
+
+
 def test_opcheck_grouped_gemm_ops():
     counts = [3, 0, 5]
     x, w = torch.randn(8, 16, requires_grad=True), torch.randn(3, 24, 16, requires_grad=True)
     torch.library.opcheck(torch.ops.k2.grouped_gemm, (x, w, _offsets(counts), True))
     torch.library.opcheck(torch.ops.k2.grouped_gemm_wgrad, (x.detach(), torch.randn(8, 24), _offsets(counts), True))
+    out = torch.empty(8, 24)
+    torch.library.opcheck(torch.ops.k2.grouped_gemm_out, (x.detach(), w.detach(), _offsets(counts), True, out))
 
 
 def _quantized(t: int, k: int, e: int, n: int):

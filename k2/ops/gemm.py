@@ -1,12 +1,14 @@
 """Grouped GEMM for mixture-of-experts layers: one GEMM per expert over that expert's contiguous rows.
 
-``grouped_gemm(x [T, K], w, offsets [E] int32, *, trans_w=False) -> [T, N]`` multiplies the rows of group ``e``
-(``offsets[e-1]:offsets[e]``) by expert ``e``'s matrix: ``w [E, K, N]``, or ``w [E, N, K]`` (the ``nn.Linear``
-layout the model stores) with ``trans_w=True``. The offsets are cumulative row ends, stay on the device (no
-host sync), may describe empty groups, and ``offsets[-1]`` must equal ``T``.
+``grouped_gemm(x [T, K], w, offsets [E] int32, *, trans_w=False, out=None) -> [T, N]`` multiplies the rows of
+group ``e`` (``offsets[e-1]:offsets[e]``) by expert ``e``'s matrix: ``w [E, K, N]``, or ``w [E, N, K]`` (the
+``nn.Linear`` layout the model stores) with ``trans_w=True``. The offsets are cumulative row ends, stay on the
+device (no host sync), may describe empty groups, and ``offsets[-1]`` must equal ``T``.
 
 Autograd: ``dx = grouped_gemm(dy, w, offsets, trans_w=not trans_w)`` and ``dw = grouped_gemm_wgrad(x, dy, ...)``
 (the per-group ``x_e^T dy_e``), both through this same front door, so native kernels serve the backward too.
+With ``out=`` the product is written into a caller's buffer (``k2::grouped_gemm_out``, which mutates ``out``); as
+with torch's ``out=`` ops, that form does not record autograd.
 
 Dispatch (``k2.ops`` pattern): CUDA kernel → C++ CPU kernel → ``k2.ops.reference`` (``torch._grouped_mm`` where it
 runs, a per-group loop otherwise). A native kernel is called as
@@ -82,6 +84,24 @@ def _(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -
     return x.new_empty(num_groups, x.shape[1], dy.shape[1])
 
 
+@torch.library.custom_op("k2::grouped_gemm_out", mutates_args=("out",))
+def _grouped_gemm_out(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool, out: torch.Tensor
+) -> None:
+    mod = _native.kernel_module(_FAMILY, x.device)
+    if mod is None or not out.is_contiguous():  # the kernels write a dense [T, N]; any other layout gets a copy
+        out.copy_(_grouped_gemm(x, w, offsets, trans_w))
+        return
+    x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
+    v = _native.view
+    mod.grouped_gemm(v(x), v(w), v(offsets), v(out), trans_w, _native.stream(x.device))
+
+
+@_grouped_gemm_out.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool, out: torch.Tensor) -> None:
+    return None
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, w, offsets, trans_w = inputs
     ctx.save_for_backward(x, w, offsets)
@@ -99,7 +119,9 @@ def _backward(ctx, dy: torch.Tensor):
 _grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_w: bool = False) -> torch.Tensor:
+def grouped_gemm(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_w: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``out[offsets[e-1]:offsets[e]] = x[offsets[e-1]:offsets[e]] @ W_e`` for every group ``e``.
 
     Args:
@@ -107,9 +129,25 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
         w: ``[E, K, N]`` (``W_e = w[e]``), or ``[E, N, K]`` with ``trans_w=True`` (``W_e = w[e].T``).
         offsets: ``[E]`` int32 cumulative row ends on ``x``'s device; ``offsets[-1] == T``; empty groups allowed.
         trans_w: read ``w`` in the ``nn.Linear`` layout.
+        out: optional ``[T, N]`` tensor of ``x``'s dtype and device to write the result into (then returned);
+            not differentiable, like torch's ``out=`` arguments.
 
     Returns:
-        ``[T, N]`` in ``x``'s dtype. Differentiable in ``x`` and ``w``.
+        ``[T, N]`` in ``x``'s dtype. Differentiable in ``x`` and ``w`` when ``out`` is None.
     """
     _check("grouped_gemm", x, w, offsets, trans_w)
-    return _grouped_gemm(x, w, offsets, trans_w)
+    if out is None:
+        return _grouped_gemm(x, w, offsets, trans_w)
+    shape = (x.shape[0], w.shape[1] if trans_w else w.shape[2])
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"k2.ops.grouped_gemm: out must be {x.dtype} {shape} on {x.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or out.requires_grad):
+        raise ValueError(
+            "k2.ops.grouped_gemm: out= does not support autograd (as torch's out= arguments); "
+            "call it without out, or under torch.no_grad()"
+        )
+    _grouped_gemm_out(x, w, offsets, trans_w, out)
+    return out
