@@ -262,3 +262,57 @@ def test_unrecorded_heads_are_not_clipped():
     assert torch.equal(attn.q_proj.weight.detach(), w) and report["clipped_heads"].tolist() == [0]
     with pytest.raises(ValueError, match="tau must be > 0"):
         qk_clip_([attn], 0.0)
+
+
+def _qk_weights(model: Transformer) -> list[torch.Tensor]:
+    return [w.detach().clone() for n, w in model.named_parameters() if "q_b_proj" in n or "kv_b_proj" in n]
+
+
+def test_a_step_without_a_forward_does_not_clip_again():
+    """The recorded logits are consumed by the step that clips from them: a second step with no training forward
+    in between (recording off, DCP's dummy step) leaves q/k untouched instead of shrinking the same heads again."""
+    model = _tiny()
+    _forward_backward(model, _batch(512))
+    tau = _tau_between(model.max_attention_logits())
+    opt = MuonClip.from_model(model, lr=0.0, qk_clip_tau=tau)  # lr 0: only QK-Clip changes weights
+    before = _qk_weights(model)
+    opt.step()
+    once = _qk_weights(model)
+    assert any(not torch.equal(a, b) for a, b in zip(before, once, strict=True))
+    assert torch.isneginf(model.max_attention_logits()).all()  # consumed
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(once, _qk_weights(model), strict=True))
+    assert opt.last_qk_clip["clipped_heads"].sum() == 0
+
+
+def test_max_logits_are_a_running_max_over_the_forwards_of_a_step():
+    """Gradient accumulation: the step sees the max over every micro-batch, not only the last one's."""
+    model = _tiny()
+    per_batch = []
+    for seed in (0, 1):
+        model.loss(*_batch(512, seed))
+        per_batch.append(model.max_attention_logits().clone())
+        model.reset_max_attention_logits()
+    assert not torch.equal(per_batch[0], per_batch[1])
+    for seed in (0, 1):
+        model.loss(*_batch(512, seed))
+    torch.testing.assert_close(model.max_attention_logits(), torch.maximum(*per_batch), rtol=0, atol=0)
+
+
+def test_add_param_group_applies_the_split():
+    mat, vec, mat2 = (nn.Parameter(torch.randn(*s)) for s in ((8, 4), (4,), (6, 4)))
+    opt = MuonClip([("w", mat)], lr=1e-2)
+    opt.add_param_group({"params": [("norm.weight", vec), ("w2", mat2)], "lr": 5e-3})
+    added = [(g["use_muon"], g["params"], g["lr"]) for g in opt.param_groups[1:]]
+    assert added == [(True, [mat2], 5e-3), (False, [vec], 5e-3)]
+    ref_vec = nn.Parameter(vec.detach().clone())
+    ref = torch.optim.AdamW([ref_vec], lr=5e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for p in (mat, vec, mat2):
+        p.grad = torch.randn(p.shape)
+    ref_vec.grad = vec.grad.clone()
+    opt.step()  # the vector takes the AdamW path (it used to hit Muon and fail with an IndexError)
+    ref.step()
+    torch.testing.assert_close(vec, ref_vec, rtol=1.3e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"Muon parameters must be matrices .* shape \(4,\)"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4))], "use_muon": True})
+    assert len(opt.param_groups) == 3  # the rejected group was not added

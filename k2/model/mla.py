@@ -14,12 +14,16 @@ Two equal ways to attend:
 - absorbed (decode): fold ``W_uk`` into the query and ``W_uv`` into the output, and attend in the r-dim latent
   space, so a step reads only ``[T, r + dr]`` per sequence instead of ``[T, H, dn + dv]``.
 
-Max logits: in training mode (and unless switched off) each forward stores ``max_logits [H]`` (fp32), the per-head
-max over the batch of the pre-softmax logit ``scale · q·k`` over causally visible pairs, for QK-Clip (K2 report
-§2.1). On CPU the expanded path computes attention with explicit logits (SDPA's CPU flash kernel needs
-``dv == dn + dr``, so SDPA would run the same math anyway) and reads the max from them. On other devices SDPA
-does not return it, so ``q·kᵀ`` is computed once more under ``no_grad``, in row chunks (bounded memory, keys cut
-at the chunk's causal frontier) until a fused MLA kernel returns it; ``tools/bench_model.py`` measures the cost.
+Max logits: in training mode (and unless switched off) each forward folds into ``max_logits [H]`` (fp32) the
+per-head max over the batch of the pre-softmax logit ``scale · q·k`` over causally visible pairs, for QK-Clip (K2
+report §2.1). It is a running max over every training forward since it was last consumed: QK-Clip
+(``k2.optim.qk_clip_``) reads it and resets it to −inf, so gradient-accumulation micro-batches all count and a step
+never clips twice from the same forward. The logits behind it are fp32 products of the (possibly bf16) q and k,
+also under autocast, so a head near τ is judged on its unrounded logit. On CPU the expanded path computes
+attention with explicit fp32 logits (SDPA's CPU flash kernel needs ``dv == dn + dr``, so SDPA would run the same
+math anyway) and reads the max from them. On other devices SDPA does not return it, so ``q·kᵀ`` is computed once
+more under ``no_grad``, in row chunks (bounded memory, keys cut at the chunk's causal frontier) until a fused MLA
+kernel returns it; ``tools/bench_model.py`` measures the cost.
 
 Latent cache protocol: ``cache.update(layer_idx, c_kv [B, S, r], k_rope [B, S, dr]) -> (c_kv_all [B, T, r],
 k_rope_all [B, T, dr], mask [B, S, T] bool, True = may attend)``; ``k_rope`` is already rotated.
@@ -116,6 +120,10 @@ class MLA(KeepFP32Buffers):
     def _recording(self) -> bool:
         return self.training and self.record_max_logits
 
+    def _record(self, head_max: torch.Tensor) -> None:
+        """Fold one forward's ``head_max [H]`` into the running max (see the module docstring)."""
+        self.max_logits = torch.maximum(self.max_logits, head_max.detach().float())
+
     def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         b, t, h = c_kv.shape[0], c_kv.shape[1], self.num_heads
         k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, -1).split([self.qk_nope_head_dim, self.v_head_dim], -1)
@@ -136,20 +144,25 @@ class MLA(KeepFP32Buffers):
     def _eager_attention(self, q, k, v, mask) -> torch.Tensor:
         """Attention with explicit logits: on CPU, SDPA has no fused kernel for ``dv != dn + dr`` and falls back to
         the same math, so the max logits come for free here instead of from a second ``q·kᵀ``. The scale and the
-        additive mask are fused into one ``baddbmm``."""
+        additive mask are fused into one ``baddbmm``, in fp32 whatever the autocast state: the softmax runs in fp32
+        anyway, and the recorded maxima must not be bf16-rounded."""
         b, h, s, _ = q.shape
         t = k.shape[2]
         if mask is None:
             allowed = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)  # [S, T]
         else:
             allowed = mask[:, None].expand(b, h, s, t).reshape(b * h, s, t)  # [B*H, S, T]
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        logits = torch.baddbmm(
-            bias, q.reshape(b * h, s, -1), k.reshape(b * h, t, -1).transpose(1, 2), alpha=self.softmax_scale
-        )  # [B*H, S, T]
+        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+        with torch.autocast(q.device.type, enabled=False):
+            logits = torch.baddbmm(
+                bias,
+                q.reshape(b * h, s, -1).float(),
+                k.reshape(b * h, t, -1).transpose(1, 2).float(),
+                alpha=self.softmax_scale,
+            )  # [B*H, S, T] fp32
         if self._recording():
-            self.max_logits = logits.detach().view(b, h, s, t).amax(dim=(0, 2, 3)).float()
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+            self._record(logits.detach().view(b, h, s, t).amax(dim=(0, 2, 3)))
+        probs = torch.softmax(logits, dim=-1).to(v.dtype)
         return (probs @ v.reshape(b * h, t, -1)).view(b, h, s, -1)  # [B, H, S, dv]
 
     @torch.no_grad()
@@ -158,10 +171,12 @@ class MLA(KeepFP32Buffers):
         t = k.shape[2]
         rows = max(1, _MAX_LOGIT_CHUNK_ELEMENTS // max(1, b * h * t))
         best = torch.full((h,), float("-inf"), device=q.device)
+        q, k = q.float(), k.float()  # fp32 logits also under autocast (no bf16 rounding of the maxima)
         for start in range(0, s, rows):
             end = min(s, start + rows)
             keys = end + (t - s) if mask is None else t  # causal: chunk rows see keys < end (+ any prefix)
-            logits = (q[:, :, start:end] @ k[:, :, :keys].transpose(-1, -2)).float() * self.softmax_scale
+            with torch.autocast(q.device.type, enabled=False):
+                logits = (q[:, :, start:end] @ k[:, :, :keys].transpose(-1, -2)) * self.softmax_scale
             if mask is None:
                 i = torch.arange(start, end, device=q.device)[:, None] + (t - s)
                 visible = torch.arange(keys, device=q.device)[None, :] <= i  # [rows, keys]
@@ -169,20 +184,30 @@ class MLA(KeepFP32Buffers):
                 visible = mask[:, None, start:end]  # [B, 1, rows, T]
             logits = logits.masked_fill(~visible, float("-inf"))
             best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
-        self.max_logits = best
+        self._record(best)
 
     def _attend_latent(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         s, t = q_nope.shape[1], c_kv.shape[1]
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # [H, dn, r], [H, dv, r]
-        q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, r]
-        logits = torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
+        recording = self._recording()
+        if recording:  # recorded maxima come from fp32 logits, also under autocast
+            with torch.autocast(c_kv.device.type, enabled=False):
+                logits = _latent_logits(*(t.float() for t in (q_nope, w_uk, q_rope, c_kv, k_rope)))
+        else:
+            logits = _latent_logits(q_nope, w_uk, q_rope, c_kv, k_rope)
         logits = logits.float() * self.softmax_scale  # [B, H, S, T]
         if mask is None:
             mask = torch.ones(s, t, dtype=torch.bool, device=c_kv.device).tril(t - s)[None]  # [1, S, T]
         logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        if self._recording():
-            self.max_logits = logits.detach().amax(dim=(0, 2, 3))
+        if recording:
+            self._record(logits.detach().amax(dim=(0, 2, 3)))
         p = torch.softmax(logits, dim=-1).to(c_kv.dtype)
         o_lat = torch.einsum("bhst,btr->bshr", p, c_kv)  # [B, S, H, r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
+
+
+def _latent_logits(q_nope, w_uk, q_rope, c_kv, k_rope) -> torch.Tensor:
+    """Unscaled absorbed logits ``(q_nope W_uk)·c_kv + q_rope·k_rope`` → ``[B, H, S, T]``."""
+    q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, r]
+    return torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)

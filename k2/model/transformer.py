@@ -148,8 +148,14 @@ class Transformer(nn.Module):
 
     def max_attention_logits(self) -> torch.Tensor:
         """``[L, H]`` fp32: each head's max pre-softmax logit (softmax scale included, causal mask respected)
-        over the batch of the last training-mode forward; ``-inf`` where nothing was recorded."""
+        over the training-mode forwards since the records were last consumed (by QK-Clip or
+        :meth:`reset_max_attention_logits`); ``-inf`` where nothing was recorded."""
         return torch.stack([attn.max_logits.float() for attn in self.attention_layers()])
+
+    def reset_max_attention_logits(self) -> None:
+        """Forget the recorded max logits (a step without QK-Clip consumes them this way)."""
+        for attn in self.attention_layers():
+            attn.max_logits.fill_(float("-inf"))
 
     def expert_load(self) -> torch.Tensor:
         """``[n_moe_layers, E]`` int64 tokens routed to each expert in the last forward."""

@@ -14,8 +14,8 @@ q_rope·k_rope, with k_rope one key shared by all heads:
     RMSNorm comes before the up-projections.
 
 MHA / GQA (a Llama-style module in any model). A module takes part by implementing this protocol:
-  - ``max_logits``: fp32 ``[H]``, each head's max pre-softmax logit (scale included) of the last training
-    forward, −inf when not recorded;
+  - ``max_logits``: fp32 ``[H]``, each head's max pre-softmax logit (scale included) over the training forwards
+    since the last clip (k2's MLA keeps a running max), −inf when nothing was recorded;
   - ``q_proj`` / ``k_proj``: ``nn.Linear``-like, ``weight [H·d, in]`` / ``[H_kv·d, in]`` with head-major rows and
     optional biases (scaled with their rows);
   - ``num_heads``, ``head_dim`` and optionally ``num_key_value_heads`` (default ``num_heads``).
@@ -23,6 +23,10 @@ MHA / GQA (a Llama-style module in any model). A module takes part by implementi
   rows of head h × √γ_h (the report's rule). GQA (H_kv < H): a key head is shared by H / H_kv query heads, so
   scaling it would change the logits of its unclipped siblings; the whole factor goes on the query instead
   (query rows of head h × γ_h, keys untouched), the same choice the MLA rule makes for its shared rope key.
+
+The maxima are consumed: ``qk_clip_`` resets every module's ``max_logits`` to −inf after reading it, so a step
+with no training forward since the previous one (recording off, DCP's dummy step, a loop that steps twice)
+clips nothing instead of shrinking the same heads again.
 
 Distributed: the recorded maxima are all-reduced with MAX over the data-parallel group first, so every rank
 clips identically.
@@ -88,7 +92,8 @@ def _clip_mha_(attn: nn.Module, gamma: torch.Tensor) -> None:
 
 @torch.no_grad()
 def qk_clip_(modules: list[nn.Module], tau: float, *, process_group: Any = None) -> dict[str, torch.Tensor]:
-    """Clip every head of ``modules`` whose recorded max logit exceeds ``tau``; returns the step's report.
+    """Clip every head of ``modules`` whose recorded max logit exceeds ``tau``, then reset the records to −inf
+    (consumed); returns the step's report.
 
     Returns ``{"max_logit": [L] fp32, "clipped_heads": [L] int64}``: per module, the max over heads of the
     (all-reduced) recorded logits before clipping, and how many heads were clipped. Both empty without modules.
@@ -97,7 +102,9 @@ def qk_clip_(modules: list[nn.Module], tau: float, *, process_group: Any = None)
         raise ValueError(f"k2.optim.qk_clip_: tau must be > 0, got {tau!r}")
     if not modules:
         return {"max_logit": torch.empty(0), "clipped_heads": torch.empty(0, dtype=torch.long)}
-    logits = [m.max_logits.detach().float() for m in modules]
+    logits = [m.max_logits.detach().float().clone() for m in modules]
+    for m in modules:
+        m.max_logits.fill_(float("-inf"))
     width = max(x.numel() for x in logits)
     table = torch.full((len(modules), width), float("-inf"), device=logits[0].device)  # [L, H]
     for i, x in enumerate(logits):

@@ -3,11 +3,13 @@
 One optimizer step:
 1. set the WSD learning rate of this step;
 2. ``grad_accum`` micro-batches: forward under autocast (bf16 where the device has fast bf16), backward of
-   ``loss / grad_accum``; per-head max attention logits are max-reduced and expert loads summed over them;
+   ``loss / grad_accum``; the attention layers keep the running per-head max logit over them, expert loads are
+   summed;
 3. global gradient norm, clipped to ``optim.grad_clip``; a non-finite loss or norm skips the update (logged;
    ``train.max_skipped_steps`` in a row stop the run with ``TrainingDiverged``);
-4. ``optimizer.step()`` — MuonClip applies QK-Clip with the step's max logits right after its update — then the
-   aux-loss-free expert-bias update from the step's loads (DeepSeek-V3 / Moonlight sign rule);
+4. ``optimizer.step()`` — MuonClip applies QK-Clip with the step's max logits right after its update and
+   consumes them (any other optimizer: they are reset here) — then the aux-loss-free expert-bias update from the
+   step's loads (DeepSeek-V3 / Moonlight sign rule);
 5. log; every ``eval.every`` steps the held-out loss; every ``train.checkpoint_every`` steps a checkpoint.
 
 The run is deterministic on a given machine: initialisation from ``train.seed``, the data order from
@@ -147,7 +149,6 @@ def train_step(
     """One optimizer step over ``train.grad_accum`` micro-batches (see the module docstring)."""
     accum = config.train.grad_accum
     loss_sum = torch.zeros((), device=device)
-    max_logits: torch.Tensor | None = None  # [L, H]
     load: torch.Tensor | None = None  # [n_moe_layers, E]
     for _ in range(accum):
         x, y = next(batches)
@@ -156,10 +157,10 @@ def train_step(
             loss = model.loss(x, y)
         (loss / accum).backward()
         loss_sum += loss.detach().float()
-        logits, micro_load = model.max_attention_logits(), model.expert_load()
-        max_logits = logits if max_logits is None else torch.maximum(max_logits, logits)
+        micro_load = model.expert_load()
         load = micro_load if load is None else load + micro_load
     loss_value = float(loss_sum) / accum
+    max_logits = model.max_attention_logits()  # [L, H], running max over the micro-batches
 
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -169,14 +170,12 @@ def train_step(
 
     clipped: list[int] = []
     if finite:
-        if accum > 1:  # QK-Clip reads each layer's buffer: give it the max over the whole step
-            for attn, layer_max in zip(model.attention_layers(), max_logits, strict=True):
-                attn.max_logits = layer_max
         optimizer.step()
         model.update_expert_bias(config.optim.expert_bias_rate, load)
         qk = getattr(optimizer, "last_qk_clip", None)
         if qk is not None and qk["clipped_heads"].numel():
             clipped = [int(c) for c in qk["clipped_heads"]]
+    model.reset_max_attention_logits()  # consumed by this step, clipped or skipped
     optimizer.zero_grad(set_to_none=True)
 
     imbalance = []
@@ -187,7 +186,7 @@ def train_step(
         loss=loss_value,
         grad_norm=float(grad_norm),
         finite=finite,
-        max_logit=max_logits.amax(dim=1).tolist() if max_logits is not None else [],
+        max_logit=max_logits.amax(dim=1).tolist(),
         clipped_heads=clipped,
         load_imbalance=imbalance,
     )
