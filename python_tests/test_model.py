@@ -82,8 +82,9 @@ def test_cache_prefill_then_decode_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
 
 
-def _brute_force_max_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor:
-    """Recompute every layer's q·k from the weights with an explicit causal mask, via forward pre-hooks."""
+def _brute_force_max_logits(model: Transformer, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
+    """Recompute every layer's q·k from the weights with an explicit causal mask, via forward pre-hooks (q and k
+    under the same autocast as the model's forward, their products in fp32)."""
     rows = []
 
     def hook(attn, args):
@@ -98,13 +99,15 @@ def _brute_force_max_logits(model: Transformer, x: torch.Tensor) -> torch.Tensor
             apply_rope(kv[..., attn.kv_lora_rank :], cos, sin),
         )
         k_nope = attn.kv_b_proj(c_kv).view(b, s, attn.num_heads, -1)[..., : attn.qk_nope_head_dim]
-        logits = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
+        with torch.autocast("cpu", enabled=False):  # fp32 products of the (possibly bf16) q and k
+            q_nope, q_rope, k_nope, k_rope = q_nope.float(), q_rope.float(), k_nope.float(), k_rope.float()
+            logits = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
         logits = logits * attn.softmax_scale
         causal = torch.ones(s, s, dtype=torch.bool).tril()
         rows.append(logits.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3)))
 
     handles = [attn.register_forward_pre_hook(hook) for attn in model.attention_layers()]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         model(x)
     for h in handles:
         h.remove()
@@ -124,19 +127,49 @@ def test_max_attention_logits_match_brute_force(absorb):
     torch.testing.assert_close(got, _brute_force_max_logits(model, x), atol=1e-4, rtol=1e-4)
 
 
+def test_max_logits_are_fp32_under_bf16_autocast():
+    """Under bf16 autocast the logits QK-Clip judges are the fp32 products of the bf16 q and k, not bf16-rounded
+    (rounding moves a logit near τ by up to 2^-9 of itself: a head just above τ could escape the clip). The
+    training path (expanded); the absorbed one never forms k, so its fp32 logits differ by k's rounding."""
+    model = _model()
+    with torch.no_grad():
+        model.layers[1].self_attn.q_b_proj.weight.mul_(8.0)
+    x = torch.randint(0, 512, (2, 17))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    got = model.max_attention_logits()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _brute_force_max_logits(model, x, torch.bfloat16), atol=1e-5, rtol=1e-5)
+
+
+def test_router_scores_are_fp32_under_bf16_autocast():
+    """The router's GEMM stays fp32 under autocast: same scores, expert choice and weights as without it."""
+    moe = _model().layers[1].mlp
+    x = torch.randn(64, moe.gate.weight.shape[1])
+    ids, weights, scores = moe.gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids_amp, weights_amp, scores_amp = moe.gate(x)
+    assert scores_amp.dtype == weights_amp.dtype == torch.float32
+    assert torch.equal(ids_amp, ids) and torch.equal(scores_amp, scores) and torch.equal(weights_amp, weights)
+
+
 def test_max_logits_respect_causal_mask_and_switches():
     model = _model()
     x = torch.randint(0, 512, (1, 16))
     model.train()
     model(x)
     causal = model.max_attention_logits().clone()
+    model.reset_max_attention_logits()
     model(x[:, :8])  # the prefix sees a subset of the same (query, key) pairs
     assert torch.all(model.max_attention_logits() <= causal + 1e-5)
     # Only the last key differs: queries before it cannot see it, so the recorded max of the prefix is stable.
     y = x.clone()
     y[0, -1] = (x[0, -1] + 1) % 512
+    model.reset_max_attention_logits()
     model(x[:, :15])
     before = model.max_attention_logits().clone()
+    model.reset_max_attention_logits()
     model(y[:, :15])
     torch.testing.assert_close(model.max_attention_logits(), before)
     model.eval()
@@ -239,6 +272,21 @@ def test_linear_cross_entropy_bf16_and_all_ignored():
     ref = F.cross_entropy((h @ w.t()).float(), labels)
     torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_elements=900), ref, atol=1e-4, rtol=1e-4)
     assert linear_cross_entropy(h, w, torch.full((10,), -100)).item() == 0.0
+
+
+def test_linear_cross_entropy_without_grad_does_only_the_forward_gemm():
+    """Evaluation under no_grad: the LM head costs one [N, D]x[D, V] GEMM (2·N·D·V flops), not the three of a
+    training forward that also forms dh and dW."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, d, v = 40, 16, 96
+    h, w = torch.randn(n, d, requires_grad=True), torch.randn(v, d, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    for grad, gemms in ((False, 1), (True, 3)):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            loss = linear_cross_entropy(h, w, labels, chunk_elements=v * 16)
+        assert counter.get_total_flops() == gemms * 2 * n * d * v
+        torch.testing.assert_close(loss, F.cross_entropy(h.detach() @ w.detach().t(), labels))
 
 
 def test_aux_loss_and_expert_bias_update():

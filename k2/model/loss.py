@@ -3,7 +3,8 @@
 ``linear_cross_entropy(h [N, D], weight [V, D], labels [N])`` = ``F.cross_entropy(h @ weightᵀ, labels)`` (mean
 over labels != ignore_index). Rows are processed in chunks of about ``chunk_elements / V``; each chunk's logits
 are upcast to fp32, reduced to its loss and, when a gradient is needed, immediately turned into its
-contributions to ``dh`` and ``dweight`` (``dlogits = softmax − onehot``), then freed. Backward only scales the
+contributions to ``dh`` and ``dweight`` (``dlogits = softmax − onehot``), then freed; with grad disabled
+(evaluation) only the loss is computed. Backward only scales the
 stored gradients, so nothing is recomputed: the cost is the three matmuls of an ordinary LM head. Peak extra
 memory is one chunk of logits plus an fp32 ``[V, D]`` accumulator. (The same scheme as Liger-Kernel's fused
 linear cross-entropy; written here in PyTorch so it runs on any device.)
@@ -20,11 +21,12 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, ignore_index: int, chunk_elements: int):
+    def forward(ctx, h, weight, labels, ignore_index: int, chunk_elements: int, grad_enabled: bool):
         n, v = h.shape[0], weight.shape[0]
         rows = max(1, chunk_elements // v)
         count = (labels != ignore_index).sum().clamp(min=1).float()
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is True under no_grad too (it only reads requires_grad): ask the caller's grad mode
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -48,7 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         dw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -68,4 +70,4 @@ def linear_cross_entropy(
             f"linear_cross_entropy: expected h [N, D], weight [V, D], labels [N]; got {tuple(h.shape)}, "
             f"{tuple(weight.shape)}, {tuple(labels.shape)}"
         )
-    return _LinearCrossEntropy.apply(h, weight, labels, ignore_index, chunk_elements)
+    return _LinearCrossEntropy.apply(h, weight, labels, ignore_index, chunk_elements, torch.is_grad_enabled())

@@ -62,8 +62,9 @@ class Router(KeepFP32Buffers):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [T, D]`` → ``topk_ids [T, K]`` (int64), ``topk_weights [T, K]`` fp32, ``scores [T, E]`` fp32."""
-        logits = F.linear(x_TD.float(), self.weight.float())  # [T, E]
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would recast the fp32 GEMM to bf16
+            logits = F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
+            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():
             choice = scores + self.e_score_correction_bias  # [T, E], selection only
             if self.n_group > 1:
