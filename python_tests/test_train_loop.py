@@ -79,6 +79,7 @@ def test_grad_accumulation_equals_the_larger_batch(optim: str) -> None:
         config, model, opt, batches = _setup(
             optim, (f"train.batch_size={batch}", f"train.grad_accum={accum}", "optim.qk_clip_tau=0.01")
         )
+        init = {name: t.clone() for name, t in model.state_dict().items()}
         results.append(train_step(model, opt, batches, config, torch.device("cpu"), None))
         models.append(model)
     a, b = results
@@ -90,8 +91,11 @@ def test_grad_accumulation_equals_the_larger_batch(optim: str) -> None:
         assert (
             a.clipped_heads == b.clipped_heads and sum(a.clipped_heads) > 0
         )  # τ = 0.01 is below the init logits (~0.03)
+    # Muon's update comes out of a bf16 Newton-Schulz: a gradient that differs in summation order can flip a
+    # bf16 rounding, so the two updates agree to bf16 precision (a few 2^-8 of the update), not to fp32's.
     for (name, p), q in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        update = (p.float() - init[name].float()).abs().max().item() if p.is_floating_point() else 0.0
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=max(1e-5, 2**-5 * update), msg=name)
 
 
 def test_expert_bias_follows_the_load() -> None:

@@ -164,19 +164,27 @@ class Muon(Optimizer):
             eps=eps,
         )
         self._check_hyperparameters(type(self).__name__, defaults)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            self._check_hyperparameters(type(self).__name__, group)
-            if self._is_muon_group(group):
-                for p in group["params"]:
-                    if p.dim() < 2:
-                        raise ValueError(
-                            f"k2.optim.{type(self).__name__}: Muon parameters must be matrices [..., A, B], got a "
-                            f"parameter of shape {tuple(p.shape)}; optimise it with AdamW (k2.optim.MuonClip does)"
-                        )
+        super().__init__(params, defaults)  # validates each group through add_param_group
         from k2.optim.distributed import Zero1  # here: distributed imports this module
 
         self._zero = Zero1.create(process_group, reduce_gradients)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` after the checks every group gets, at construction or later:
+        hyperparameters in range, and only matrices ``[..., A, B]`` in a Muon group."""
+        name = type(self).__name__
+        self._check_hyperparameters(name, param_group)
+        params = param_group["params"]
+        entries = [params] if isinstance(params, torch.Tensor) else list(params)
+        if self._is_muon_group({**self.defaults, **param_group}):
+            for entry in entries:
+                p = entry[1] if isinstance(entry, tuple) else entry
+                if p.dim() < 2:
+                    raise ValueError(
+                        f"k2.optim.{name}: Muon parameters must be matrices [..., A, B], got a parameter of shape "
+                        f"{tuple(p.shape)}; optimise it with AdamW (k2.optim.MuonClip does)"
+                    )
+        super().add_param_group({**param_group, "params": entries})
 
     @staticmethod
     def _check_hyperparameters(name: str, group: dict[str, Any]) -> None:

@@ -112,7 +112,7 @@ class MuonClip(Muon):
         }
         self._extra_defaults = {"betas": tuple(betas), "adamw_eps": adamw_eps}
         super().__init__(
-            _split_groups(_as_groups(params)),
+            _as_groups(params),  # split by add_param_group
             lr,
             momentum=momentum,
             nesterov=nesterov,
@@ -134,10 +134,12 @@ class MuonClip(Muon):
         return cls(named, lr, weight_decay=weight_decay, qk_clip_tau=qk_clip_tau, attention=find_attention(model), **kw)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key, value in getattr(self, "_extra_defaults", {}).items():
-            param_group.setdefault(key, value)
-        param_group.setdefault("use_muon", True)
-        super().add_param_group(param_group)
+        """Adds ``param_group`` split by the module docstring's rule (Muon matrices, AdamW vectors) unless it sets
+        ``use_muon``, exactly as at construction; a Muon group that holds a vector is a ``ValueError``."""
+        for group in _split_groups([param_group]):
+            for key, value in self._extra_defaults.items():
+                group.setdefault(key, value)
+            super().add_param_group(group)
 
     def _is_muon_group(self, group: dict[str, Any]) -> bool:
         return bool(group["use_muon"])
