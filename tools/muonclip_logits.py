@@ -57,14 +57,16 @@ def train(args: argparse.Namespace, tau: float | None, train_batches, eval_batch
         loss = model.loss(ids[:, :-1], ids[:, 1:])
         model.zero_grad()
         loss.backward()
-        opt.step()
-        out["max_logit"].append(float(model.max_attention_logits().max()))
+        out["max_logit"].append(float(model.max_attention_logits().max()))  # this step's forward, before the clip
+        opt.step()  # QK-Clip consumes the recorded logits
+        model.reset_max_attention_logits()  # (and so does this, for the run without QK-Clip)
         out["loss"].append(float(loss.detach()))
         out["clipped_heads"].append(int(opt.last_qk_clip["clipped_heads"].sum()) if tau is not None else 0)
         if tau is not None:
             with torch.no_grad():
                 model.loss(ids[:, :-1], ids[:, 1:])  # training mode: records this batch's logits again
             out["max_logit_after_clip"].append(float(model.max_attention_logits().max()))
+            model.reset_max_attention_logits()
         if (step + 1) % args.eval_every == 0 or step + 1 == len(train_batches):
             model.eval()
             with torch.no_grad():
