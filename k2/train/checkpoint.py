@@ -1,15 +1,30 @@
 """Training checkpoints with ``torch.distributed.checkpoint`` (DCP): model, optimizer, schedule, data position, RNG.
 
-Layout: ``RUN_DIR/checkpoints/step_00000600/`` holds the DCP files (``.metadata``, ``__0_0.distcp``) and
-``meta.json`` (step, model config, time; for people and for the shape check). The model and optimizer go through
-``torch.distributed.checkpoint.state_dict.get_state_dict`` / ``set_state_dict``, which key optimizer state by
-parameter name, so a checkpoint does not depend on parameter order and reshards when the run is distributed.
+Layout: ``RUN_DIR/checkpoints/step_00000600/`` holds the DCP files (``.metadata``, one ``__R_0.distcp`` per rank
+R that wrote data) and ``meta.json`` (step, world size, model config, time; for people and for the shape check).
+The model and optimizer go through ``torch.distributed.checkpoint.state_dict.get_state_dict`` / ``set_state_dict``,
+which key optimizer state by parameter name, so a checkpoint does not depend on parameter order.
 
-Atomic: a checkpoint is written into a hidden temporary directory next to its final place (``.step_…tmp-XXXX``),
-every file is fsynced (DCP's ``sync_files`` plus ``meta.json``), then the directory is renamed into place and the
-parent directory fsynced. A crash or SIGKILL at any moment leaves either the complete new checkpoint or none; the
-previous ones are removed (keep-last-N) only after the new one is in place. Leftover temporary directories of a
-crashed save are never read and are deleted by the next save.
+Resharding: every per-parameter optimizer tensor (momentum, Adam moments) is stored flat, as one ``[numel]`` tensor
+per parameter. A single process saves its full state flattened; a ZeRO-1 sharded ``k2.optim.Muon``/``MuonClip``
+(built with ``process_group``, ``k2.optim.distributed``) saves each rank's chunk as a ``Shard(0)`` DTensor of that
+flat tensor, which is exactly its layout (the chunks of ``ceil(numel / W)`` elements of the flattened parameter),
+so no rank gathers anything. DCP then loads a checkpoint into any world size: 2 ranks → 1 process, 1 → 4, etc.
+Model parameters are replicated in data parallelism; DCP writes one copy. ``trainer_state`` (schedule, data
+position, counters) must be the same on every rank and is written once. RNG states are per rank (``rng.rankR``):
+rank R resumes rank R's generators; a rank beyond the saved world size keeps its own (a warning says so).
+
+Distributed save, on every rank (the function is collective: all ranks call it with the same step):
+rank 0 removes leftover temporary directories of a crashed save and creates this save's temporary directory
+(``.step_…tmp-XXXX``) and broadcasts its name; every rank writes its shards into that one directory; every rank
+reports its result (a barrier); rank 0 writes ``meta.json``, renames the directory into place and deletes old
+checkpoints (keep-last-N); a final broadcast of rank 0's result lets every rank return (or raise) together. Only
+rank 0 ever deletes anything, and only before the broadcast or after every rank has finished writing.
+
+Atomic: every file is fsynced (DCP's ``sync_files`` plus ``meta.json``), then the directory is renamed into place
+and the parent directory fsynced. A crash or SIGKILL at any moment leaves either the complete new checkpoint or
+none; the previous ones are removed (keep-last-N) only after the new one is in place. Leftover temporary
+directories of a crashed save are never read and are deleted by the next save.
 
 Before loading, the saved tensor shapes are compared with the model's, so a checkpoint of a different model is a
 one-line ``CheckpointError`` naming the first differing tensor rather than a DCP stack trace.
@@ -106,8 +121,99 @@ def _umask() -> int:
     return mask
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a single process)."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ranks(value: Any) -> list[Any]:
+    """Every rank's ``value``, by rank (a barrier)."""
+    if not _distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _describe(e: BaseException | None) -> str | None:
+    return None if e is None else f"{type(e).__name__}: {e}"
+
+
+def _zero1(optimizer: torch.optim.Optimizer) -> Any:
+    """The ZeRO-1 sharding of a ``k2.optim.Muon``/``MuonClip`` built with a process group, else None."""
+    from k2.optim.distributed import Zero1
+
+    zero = getattr(optimizer, "_zero", None)
+    return zero if isinstance(zero, Zero1) else None
+
+
+def _optim_to_saved(optim_sd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The checkpoint form of an optimizer state dict: each per-parameter state tensor as a flat ``[numel]`` view (a
+    ``Shard(0)`` DTensor of it for ZeRO-1 state); 0-dim tensors (Adam's ``step``) and other values as they are.
+    New dicts: ``optim_sd``'s per-parameter dicts are the optimizer's own."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zero = _zero1(optimizer)
+    mesh = None
+
+    def convert(fqn: str, key: str, value: Any) -> Any:
+        nonlocal mesh
+        p = params[fqn]
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return value
+        if zero is None:
+            return value.reshape(-1) if value.shape == p.shape else value
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        if value.shape != (zero.shard(p).numel(),):
+            raise CheckpointError(
+                f"optimizer state {fqn}.{key} has shape {list(value.shape)}, not this rank's ZeRO-1 chunk of "
+                f"{zero.shard(p).numel()} elements"
+            )
+        mesh = mesh or DeviceMesh.from_group(zero.group, value.device.type)
+        return DTensor.from_local(value, mesh, [Shard(0)], run_check=False, shape=torch.Size([p.numel()]), stride=(1,))
+
+    state = {fqn: {k: convert(fqn, k, v) for k, v in entry.items()} for fqn, entry in optim_sd.get("state", {}).items()}
+    return {**optim_sd, "state": state}
+
+
+def _optim_from_saved(optim_sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Undo ``_optim_to_saved`` on the loaded state: local chunks for ZeRO-1, the parameter's shape otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def convert(fqn: str, value: Any) -> Any:
+        p = params[fqn]
+        if isinstance(value, DTensor):
+            return value.to_local()
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and p.dim() != 1 and value.numel() == p.numel():
+            return value.view(p.shape)
+        return value
+
+    state = {fqn: {k: convert(fqn, v) for k, v in entry.items()} for fqn, entry in optim_sd.get("state", {}).items()}
+    return {**optim_sd, "state": state}
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    for stale in root.glob(".step_*tmp-*"):  # left by a crashed save
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -122,37 +228,73 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write the checkpoint of ``step`` and delete all but the newest ``keep_last``; returns its path.
 
-    ``trainer_state``: the loop's own state (schedule, data position, counters); RNG states are added here.
+    ``trainer_state``: the loop's own state (schedule, data position, counters), the same on every rank; RNG states
+    are added here. Under ``torch.distributed`` every rank must call this (see the module docstring).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    for stale in root.glob(".step_*tmp-*"):  # left by a crashed save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint gets the usual permissions
-    try:
+    main = _rank() == 0
+
+    tmp: Path | None = None
+    error: BaseException | None = None
+    if main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(root)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint gets the usual permissions
+        except BaseException as e:
+            error = e
+    shared = _from_rank0((str(tmp), None) if error is None else (None, _describe(error)))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise CheckpointError(f"cannot save checkpoint {final}: rank 0 could not create its directory ({shared[1]})")
+    tmp = Path(shared[0])
+
+    try:  # every rank writes its shards into the one directory rank 0 made
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": {**trainer_state, "rng": rng_state()}}
+        state = {
+            "model": model_sd,
+            "optim": _optim_to_saved(optim_sd, model, optimizer),
+            "trainer": trainer_state,
+            "rng": {f"rank{_rank()}": rng_state()},
+        }
         with _quiet_dcp():
             writer = dcp.FileSystemWriter(tmp, sync_files=True)
             dcp.save(state, storage_writer=writer, no_dist=not dist.is_initialized())
-        if _is_main():
-            info = {"step": step, "time": time.time(), **(meta or {})}
-            with open(tmp / META_FILE, "w") as f:
-                json.dump(info, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        error = e
+    failed = [(r, msg) for r, msg in enumerate(_all_ranks(_describe(error))) if msg is not None]
+
+    if main:  # every rank has finished writing: rank 0 alone publishes (or discards) the directory
+        try:
+            if failed:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                info = {"step": step, "world_size": _world_size(), "time": time.time(), **(meta or {})}
+                with open(tmp / META_FILE, "w") as f:
+                    json.dump(info, f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(tmp)
+                if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(root)
+                for _, old in list_checkpoints(run_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = error or e
+    final_error = _from_rank0(_describe(error) if main else None)
+    if error is not None:
+        raise error
+    if failed:
+        rank, msg = failed[0]
+        raise CheckpointError(f"cannot save checkpoint {final}: rank {rank} failed ({msg})")
+    if final_error is not None:
+        raise CheckpointError(f"cannot save checkpoint {final}: rank 0 failed ({final_error})")
     return final
 
 
@@ -165,13 +307,17 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"damaged checkpoint {path}: cannot read {META_FILE} ({e})") from None
 
 
-def check_shapes(path: str | os.PathLike[str], model: nn.Module) -> None:
-    """``CheckpointError`` unless the checkpoint's model tensors have exactly this model's names and shapes."""
+def _read_dcp_metadata(path: str | os.PathLike[str]) -> Any:
     try:
         with _quiet_dcp():
-            metadata = dcp.FileSystemReader(path).read_metadata()
+            return dcp.FileSystemReader(path).read_metadata()
     except Exception as e:
         raise CheckpointError(f"damaged checkpoint {path}: cannot read its DCP metadata ({e})") from None
+
+
+def check_shapes(path: str | os.PathLike[str], model: nn.Module, metadata: Any = None) -> None:
+    """``CheckpointError`` unless the checkpoint's model tensors have exactly this model's names and shapes."""
+    metadata = metadata or _read_dcp_metadata(path)
     saved = {
         k.removeprefix("model."): tuple(v.size)
         for k, v in metadata.state_dict_metadata.items()
@@ -197,21 +343,34 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_template: dict[str, Any],
 ) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` and ``optimizer`` in place, restore the RNG states, and return the saved
-    trainer state (same keys as ``trainer_template``, whose values only give the structure)."""
+    """Load a checkpoint into ``model`` and ``optimizer`` in place, restore this rank's RNG states, and return the
+    saved trainer state (same keys as ``trainer_template``, whose values only give the structure). Under
+    ``torch.distributed`` every rank must call this; the checkpoint may come from any world size."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
     read_meta(path)
-    check_shapes(path, model)
+    metadata = _read_dcp_metadata(path)
+    check_shapes(path, model, metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "trainer": {**trainer_template, "rng": rng_state()}}
+    optim_sd = _optim_to_saved(optim_sd, model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_template)}
+    rng_key = f"rank{_rank()}"
+    has_rng = any(k.startswith(f"rng.{rng_key}.") for k in metadata.state_dict_metadata)
+    if has_rng:
+        state["rng"] = {rng_key: rng_state()}
+    else:
+        warnings.warn(
+            f"checkpoint {path} has no RNG state for rank {_rank()} (saved by fewer ranks); this rank keeps its own",
+            stacklevel=2,
+        )
     try:
         with _quiet_dcp():
             dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not dist.is_initialized())
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[-1]}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer = dict(state["trainer"])
-    set_rng_state(trainer.pop("rng"))
-    return trainer
+    optim_sd = _optim_from_saved(state["optim"], model)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd)
+    if has_rng:
+        set_rng_state(state["rng"][rng_key])
+    return dict(state["trainer"])
