@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +52,12 @@ def _setup(optim: str, extra: tuple[str, ...] = ()):
     return config, model, opt, packing.BatchIterator(data, config.train.batch_size, seed=0)
 
 
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _state(batches: packing.BatchIterator, step: int) -> dict:
     return {"step": step, "data": batches.state_dict(), "note": "x"}
 
@@ -59,30 +67,35 @@ def test_resume_continues_exactly(tmp_path: Path, optim: str) -> None:
     config, model, opt, batches = _setup(optim)
     for _ in range(3):
         train_step(model, opt, batches, config, torch.device("cpu"), None)
+    saved_rng = ckpt.rng_state()
     path = ckpt.save_checkpoint(tmp_path, 3, model, opt, _state(batches, 3), keep_last=2)
     reference = [train_step(model, opt, batches, config, torch.device("cpu"), None).loss for _ in range(3)]
 
     torch.manual_seed(123)  # a different init: everything must come from the checkpoint
     config, model2, opt2, batches2 = _setup(optim)
-    torch.manual_seed(999)
+    _seed(999)
     state = ckpt.load_checkpoint(path, model2, opt2, _state(batches2, 0))
     assert state["step"] == 3 and state["note"] == "x"
+    assert torch.equal(torch.get_rng_state(), saved_rng["torch"])  # the generators are where they were at the save
+    assert repr(np.random.get_state()) == repr(saved_rng["numpy"])
+    assert random.getstate() == saved_rng["python"]
     batches2.load_state_dict(state["data"])
     resumed = [train_step(model2, opt2, batches2, config, torch.device("cpu"), None).loss for _ in range(3)]
     assert resumed == reference  # bit-exact
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert torch.equal(torch.get_rng_state(), torch.get_rng_state())  # RNG restored without error
 
 
 def test_rng_state_is_restored(tmp_path: Path) -> None:
     _, model, opt, batches = _setup("adamw")
-    torch.manual_seed(7)
+    _seed(7)
     path = ckpt.save_checkpoint(tmp_path, 1, model, opt, _state(batches, 1), keep_last=1)
-    expected = torch.rand(4)
-    torch.manual_seed(8)
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    _seed(8)
     ckpt.load_checkpoint(path, model, opt, _state(batches, 0))
-    assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.rand(4), expected[1])
+    assert [random.random() for _ in range(4)] == expected[2]
 
 
 @pytest.mark.parametrize(
