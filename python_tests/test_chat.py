@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import tiktoken._educational as edu
 
-from k2.data.chat import parse_completion, render, render_text
+from k2.data.chat import STOP_TOKENS, parse_completion, render, render_text, stop_token_ids
 from k2.data.tokenizer import KIMI_PAT_STR, ByteTokenizer, TiktokenTokenizer
 from k2.errors import DataError
 
@@ -254,3 +254,72 @@ def test_parse_completion_cases(text: str, content: str, names: list[str], n_err
 
 def test_parse_completion_never_raises_on_non_text() -> None:
     assert parse_completion(None) == ("", [], ["parse_completion: expected str, got NoneType"])  # type: ignore[arg-type]
+
+
+def _special_arguments_turn(specials: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An assistant message whose tool-call arguments hold every string of ``specials`` (as keys, as whole values,
+    inside values, after a ``}``, next to quotes), and the tool calls the parser must return for it."""
+    args = [
+        {"s": specials},
+        {name: name for name in specials},
+        {"x": "}" + "".join(specials), "y": ['"' + s + '"' for s in specials], "z": {"}": "<|tool_call_end|>{"}},
+        *({"only": s} for s in specials),
+    ]
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": f"f{i % 3}", "arguments": json.dumps(a)}}
+        for i, a in enumerate(args)
+    ]
+    want = [
+        {"id": f"functions.f{i % 3}:{i}", "type": "function", "function": {"name": f"f{i % 3}", "arguments": c}}
+        for i, c in enumerate(json.dumps(a) for a in args)
+    ]
+    return {"role": "assistant", "content": "Calling.", "tool_calls": calls}, want
+
+
+@pytest.mark.parametrize("which", ["byte", "bpe"])
+def test_tool_call_arguments_may_hold_every_special_token_string(which: str, bpe: TiktokenTokenizer) -> None:
+    """Message text is tokenised without specials, so a special-token string in a JSON argument is ordinary
+    tokens; decoded, it is the same text as the special token. The parser must read the arguments as JSON and
+    return the calls whole (the old parser cut the turn at the first ``<|im_end|>`` / ``[EOS]`` text)."""
+    tok = ByteTokenizer() if which == "byte" else bpe
+    specials = sorted(tok.special_tokens)
+    assert len(specials) == 256
+    msg, want = _special_arguments_turn(specials)
+    ids, mask = render([{"role": "user", "content": "go"}, msg], tok)
+    (turn,) = _masked_runs(ids, mask)
+    # The only special ids in the turn are the format's own: none came from the arguments.
+    structural = {tok.special_tokens[s] for s in ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")}
+    structural |= {tok.special_tokens[s] for s in ("<|tool_call_begin|>", "<|tool_call_argument_begin|>")}
+    structural |= {tok.special_tokens[s] for s in ("<|tool_call_end|>", "<|im_end|>")}
+    assert {t for t in turn if t in tok.special_tokens.values()} == structural
+    assert turn[-1] in stop_token_ids(tok)
+    text = tok.decode(turn)
+    assert parse_completion(text) == ("Calling.", want, [])
+    # As the server parses it: the engine stopped on the <|im_end|> id, which is not in the text.
+    assert parse_completion(tok.decode(turn[:-1]), stop=()) == ("Calling.", want, [])
+
+
+def test_stop_strings_end_the_turn_only_outside_calls() -> None:
+    call = f'<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{{"a": "{STOP_TOKENS[0]}"}}<|tool_call_end|>'
+    want = [{"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": '{"a": "<|im_end|>"}'}}]
+    for stop in STOP_TOKENS:
+        # Between calls a stop string ends the section: the call after it is not the model's.
+        assert parse_completion(f"<|tool_calls_section_begin|>{call}{stop}{call}") == ("", want, [])
+        # Without stop strings (text that ends before the stop token), content keeps its literal text.
+        assert parse_completion(f"a{stop}b", stop=()) == (f"a{stop}b", [], [])
+        assert parse_completion(f"a{stop}b") == ("a", [], [])
+
+
+def test_openai_tool_names_round_trip_through_call_ids() -> None:
+    """Every name OpenAI allows (^[a-zA-Z0-9_-]{1,64}$, which the server enforces) is carried by the
+    ``functions.NAME:IDX`` ids and parsed back."""
+    rng = random.Random(3)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+    names = ["a", "-", "_", "0", "9-9", "x" * 64, "-" * 64, "get_weather", "run-code"]
+    names += ["".join(rng.choices(alphabet, k=rng.randint(1, 64))) for _ in range(200)]
+    calls = [{"function": {"name": n, "arguments": "{}"}} for n in names]
+    text = render_text([{"role": "assistant", "content": "", "tool_calls": calls}], default_system=None)
+    content, got, errors = parse_completion(text.removeprefix("<|im_assistant|>assistant<|im_middle|>"))
+    assert errors == [] and content == ""
+    assert [c["function"]["name"] for c in got] == names
+    assert [c["id"] for c in got] == [f"functions.{n}:{i}" for i, n in enumerate(names)]

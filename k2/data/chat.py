@@ -49,7 +49,7 @@ CALL_END = "<|tool_call_end|>"
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = f"{IM_ASSISTANT}assistant{IM_MIDDLE}"
-# Tokens that end an assistant turn; an inference engine stops on either.
+# Tokens that end an assistant turn; an inference engine stops on either one's id (``stop_token_ids``).
 STOP_TOKENS = (IM_END, "[EOS]")
 
 _SPECIALS = (
@@ -86,21 +86,31 @@ def _text_of(content: Any, where: str) -> str:
     raise DataError(f"chat.render: {where}: content must be a string, a list of text parts or None")
 
 
-def _normalize_tool(tool: Any, i: int) -> dict[str, Any]:
-    """OpenAI ``{"type": "function", "function": {...}}``, a bare function, or an MCP tool (``inputSchema``)."""
+def tool_function(tool: Any, i: int) -> Mapping[str, Any]:
+    """The object holding a tool's ``name`` / ``description`` / schema: ``tool["function"]`` of an OpenAI tool
+    (``{"type": "function", "function": {...}}``), else the tool itself (a bare function with ``parameters``, or
+    an MCP tool with ``inputSchema``); ``DataError`` for anything else."""
     if not isinstance(tool, Mapping):
         raise DataError(f"chat.render: tools[{i}] must be an object, got {type(tool).__name__}")
     if tool.get("type") == "function" and isinstance(tool.get("function"), Mapping):
-        return dict(tool)
+        return tool["function"]
     if "name" in tool:
-        fn: dict[str, Any] = {"name": tool["name"]}
-        if "description" in tool:
-            fn["description"] = tool["description"]
-        schema = tool.get("parameters", tool.get("inputSchema"))
-        if schema is not None:
-            fn["parameters"] = schema
-        return {"type": "function", "function": fn}
+        return tool
     raise DataError(f"chat.render: tools[{i}] is neither an OpenAI function tool nor an MCP tool (no 'name')")
+
+
+def _normalize_tool(tool: Any, i: int) -> dict[str, Any]:
+    """OpenAI ``{"type": "function", "function": {...}}``, a bare function, or an MCP tool (``inputSchema``)."""
+    fn = tool_function(tool, i)
+    if fn is not tool:
+        return dict(tool)
+    out: dict[str, Any] = {"name": tool["name"]}
+    if "description" in tool:
+        out["description"] = tool["description"]
+    schema = tool.get("parameters", tool.get("inputSchema"))
+    if schema is not None:
+        out["parameters"] = schema
+    return {"type": "function", "function": out}
 
 
 def tools_json(tools: Sequence[Any]) -> str:
@@ -216,57 +226,130 @@ def render(
     return ids, mask
 
 
-def parse_completion(text: str) -> tuple[str, list[dict[str, Any]], list[str]]:
+def stop_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids of :data:`STOP_TOKENS` that ``tokenizer`` has: what an engine stops on (ids, not text)."""
+    return tuple(tokenizer.special_tokens[s] for s in STOP_TOKENS if s in tokenizer.special_tokens)
+
+
+def _next_marker(text: str, pos: int, markers: Sequence[str]) -> tuple[int, str | None]:
+    """The first of ``markers`` at or after ``pos``: ``(index, marker)``, or ``(len(text), None)``."""
+    best, found = len(text), None
+    for m in markers:
+        i = text.find(m, pos, best + len(m) - 1)  # only occurrences that start before the best so far
+        if i >= 0:
+            best, found = i, m
+    return best, found
+
+
+_JSON = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def _json_object_at(text: str, pos: int) -> tuple[int, int] | None:
+    """``(start, end)`` of the JSON value at ``pos`` (leading whitespace skipped) if it is an object followed, after
+    optional whitespace, by ``<|tool_call_end|>``; else None. The JSON decoder decides where the value ends, so a
+    special-token string inside a JSON string does not end it."""
+    start = pos
+    while start < len(text) and text[start] in _WS:
+        start += 1
+    if not text.startswith("{", start):
+        return None
+    try:
+        value, end = _JSON.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    after = end
+    while after < len(text) and text[after] in _WS:
+        after += 1
+    if not isinstance(value, dict) or not text.startswith(CALL_END, after):
+        return None
+    return start, end
+
+
+def parse_completion(text: str, *, stop: Sequence[str] = STOP_TOKENS) -> tuple[str, list[dict[str, Any]], list[str]]:
     """Split a generated assistant turn into ``(content, tool_calls, errors)``; never raises.
 
-    ``text`` is the decoded completion with special tokens kept as strings. It ends at the first ``<|im_end|>``
-    or ``[EOS]`` if there is one. ``content`` is the text before the tool-call section. Each complete call
+    ``text`` is the decoded completion with special tokens kept as strings. ``content`` is the text before the
+    tool-call section, or before the first ``stop`` string (default ``<|im_end|>`` / ``[EOS]``, for a decoded turn
+    that still holds its end token) when there is no section. Each complete call
     (``<|tool_call_begin|>ID<|tool_call_argument_begin|>JSON<|tool_call_end|>``, ID = ``[functions.]NAME:IDX``,
     JSON an object) becomes ``{"id", "type": "function", "function": {"name", "arguments"}}``; every other call
     (truncated, bad id, bad JSON) adds a message to ``errors``. A missing ``<|tool_calls_section_end|>`` is
-    tolerated, and so are calls without ``<|tool_calls_section_begin|>``.
+    tolerated, and so are calls without ``<|tool_calls_section_begin|>``. The section ends at
+    ``<|tool_calls_section_end|>`` or a ``stop`` string between calls.
+
+    Arguments are read with a JSON decoder, not up to the next marker: a JSON string argument may contain any
+    special-token string (as ordinary text tokens: message text is never tokenised as specials) and the call is
+    still recovered whole, as SGLang's Kimi-K2 detector does. Elsewhere, in the content or in a call id, a special
+    token's string cannot be told apart from the token in decoded text: an engine stops on the stop tokens' ids
+    (:func:`stop_token_ids`), never on their text, and then parses its completion (which ends before the stop
+    token) with ``stop=()``, so text the model wrote is never cut.
     """
     if not isinstance(text, str):
         return "", [], [f"parse_completion: expected str, got {type(text).__name__}"]
-    for stop in STOP_TOKENS:
-        cut = text.find(stop)
-        if cut >= 0:
-            text = text[:cut]
-    starts = [i for i in (text.find(SECTION_BEGIN), text.find(CALL_BEGIN)) if i >= 0]
-    if not starts:
-        return text, [], []
-    start = min(starts)
-    content, section = text[:start], text[start:]
-    end = section.find(SECTION_END)
-    if end >= 0:
-        section = section[:end]
+    stop = tuple(s for s in stop if s)
+    start, marker = _next_marker(text, 0, (SECTION_BEGIN, CALL_BEGIN, *stop))
+    content = text[:start]
+    if marker not in (SECTION_BEGIN, CALL_BEGIN):
+        return content, [], []
+    pos = start + len(SECTION_BEGIN) if marker == SECTION_BEGIN else start
+    section_stops = (CALL_BEGIN, SECTION_END, *stop)
 
     tool_calls: list[dict[str, Any]] = []
     errors: list[str] = []
-    for n, chunk in enumerate(section.split(CALL_BEGIN)[1:]):
-        close = chunk.find(CALL_END)
-        if close < 0:
-            errors.append(f"tool call {n}: incomplete, no {CALL_END}: {chunk[:80]!r}")
+    n = 0
+    while True:
+        begin, marker = _next_marker(text, pos, section_stops)
+        if marker != CALL_BEGIN:
+            break
+        id_from = begin + len(CALL_BEGIN)
+        arg_at, marker = _next_marker(text, id_from, (ARG_BEGIN, CALL_END, *section_stops))
+        if marker != ARG_BEGIN:
+            if marker == CALL_END:
+                errors.append(f"tool call {n}: no {ARG_BEGIN}: {text[id_from:arg_at][:80]!r}")
+                pos = arg_at + len(CALL_END)
+            else:
+                errors.append(f"tool call {n}: incomplete, no {CALL_END}: {text[id_from:arg_at][:80]!r}")
+                pos = arg_at
+            n += 1
             continue
-        body = chunk[:close]
-        if ARG_BEGIN not in body:
-            errors.append(f"tool call {n}: no {ARG_BEGIN}: {body[:80]!r}")
-            continue
-        call_id, args = (s.strip() for s in body.split(ARG_BEGIN, 1))
-        if not _PARSED_ID_RE.fullmatch(call_id):
-            errors.append(f"tool call {n}: id {call_id[:80]!r} is not of the form functions.NAME:IDX")
-            continue
-        name = call_id[: call_id.rfind(":")].removeprefix("functions.")
-        if not name:
-            errors.append(f"tool call {n}: id {call_id!r} has an empty function name")
-            continue
-        try:
-            parsed = json.loads(args)
-        except (ValueError, RecursionError) as e:
-            errors.append(f"tool call {n} ({call_id}): arguments are not valid JSON ({e}): {args[:80]!r}")
-            continue
-        if not isinstance(parsed, dict):
-            errors.append(f"tool call {n} ({call_id}): arguments must be a JSON object, got {args[:80]!r}")
-            continue
-        tool_calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+        call_id = text[id_from:arg_at].strip()
+        args_from = arg_at + len(ARG_BEGIN)
+        span = _json_object_at(text, args_from)
+        if span is not None:
+            args = text[span[0] : span[1]]
+            pos = text.index(CALL_END, span[1]) + len(CALL_END)
+        else:  # not a JSON object: the call ends at the next marker
+            close, marker = _next_marker(text, args_from, (CALL_END, *section_stops))
+            args = text[args_from:close].strip()
+            if marker != CALL_END:
+                errors.append(f"tool call {n}: incomplete, no {CALL_END}: {text[id_from:close][:80]!r}")
+                pos = close
+                n += 1
+                continue
+            pos = close + len(CALL_END)
+        error = _call_error(n, call_id, None if span is not None else args)
+        if error:
+            errors.append(error)
+        else:
+            name = call_id[: call_id.rfind(":")].removeprefix("functions.")
+            tool_calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": args}})
+        n += 1
     return content, tool_calls, errors
+
+
+def _call_error(n: int, call_id: str, unparsed_args: str | None) -> str | None:
+    """Why a complete call is rejected (None: it is good); ``unparsed_args`` is None when already decoded."""
+    if not _PARSED_ID_RE.fullmatch(call_id):
+        return f"tool call {n}: id {call_id[:80]!r} is not of the form functions.NAME:IDX"
+    if not call_id[: call_id.rfind(":")].removeprefix("functions."):
+        return f"tool call {n}: id {call_id!r} has an empty function name"
+    if unparsed_args is None:
+        return None
+    try:
+        parsed = json.loads(unparsed_args)
+    except (ValueError, RecursionError) as e:
+        return f"tool call {n} ({call_id}): arguments are not valid JSON ({e}): {unparsed_args[:80]!r}"
+    if not isinstance(parsed, dict):
+        return f"tool call {n} ({call_id}): arguments must be a JSON object, got {unparsed_args[:80]!r}"
+    return None
