@@ -21,12 +21,10 @@ import torch
 
 from k2.data import chat
 from k2.data.tokenizer import ByteTokenizer
-from k2.infer import Engine, SamplingParams, TokenEvent
+from k2.infer import Engine, SamplingParams
 from k2.infer.loading import load_checkpoint
 from k2.infer.openai_protocol import ChatCompletionRequest, ChoiceStream, build_choice, build_prompt
 from k2.model import Transformer, presets, save_hf
-
-openai = pytest.importorskip("openai")
 
 MODEL = "k2-tiny"
 MAX_SEQ_LEN = 1024
@@ -85,6 +83,8 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
+    import openai
+
     return openai.OpenAI(base_url=server, api_key="unused", timeout=120, max_retries=0)
 
 
@@ -252,8 +252,6 @@ def test_stream_builder_holds_back_tool_calls():
     delta, reason = s.finish("stop")
     assert reason == "tool_calls" and "content" not in delta
     assert delta["tool_calls"] == [{"index": i, **c} for i, c in enumerate(EXPECTED_CALLS)]
-    ev = TokenEvent("r", 1, -0.5, [], "x", None)
-    assert ev.finished is False
 
 
 def _raw_post(server, body: str) -> tuple[int, dict]:
@@ -275,6 +273,8 @@ def _assert_openai_error(resp, status):
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
+    import openai
+
     _assert_openai_error(_raw_post(server, "{not json"), 400)
     _assert_openai_error(_raw_post(server, json.dumps({"model": MODEL})), 400)  # no messages
     err = _assert_openai_error(_raw_post(server, json.dumps({"model": MODEL, "messages": _user("x"), "n": 0})), 400)
@@ -291,6 +291,67 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client):
         client.chat.completions.create(model=MODEL, messages=_user("hi"), temperature=5)
     r = client.chat.completions.create(model=MODEL, messages=_user("still there?"), max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def _function(name, **fields):
+    return {"type": "function", "function": {"name": name, **fields}}
+
+
+OBJECT = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+BAD_TOOLS = {
+    "name not a string": _function(3),
+    "name null": _function(None),
+    "empty name": _function(""),
+    "name with a space": _function("get weather"),
+    "name with a dot": _function("db.query"),
+    "name with a special token": _function("f<|im_end|>"),
+    "name of 65 characters": _function("x" * 65),
+    "no name": {"type": "function", "function": {"description": "d", "parameters": OBJECT}},
+    "description not a string": _function("f", description=["d"]),
+    "parameters a string": _function("f", parameters=json.dumps(OBJECT)),
+    "parameters a list": _function("f", parameters=[OBJECT]),
+    "parameters of type string": _function("f", parameters={"type": "string"}),
+    "properties not schemas": _function("f", parameters={"type": "object", "properties": {"a": "string"}}),
+    "required not a list of names": _function("f", parameters={"type": "object", "required": "a"}),
+    "bare function with a bad name": {"name": "a b", "parameters": OBJECT},
+    "MCP name not a string": {"name": 7, "inputSchema": OBJECT},
+    "MCP name with a slash": {"name": "fs/read", "inputSchema": OBJECT},
+    "MCP inputSchema not an object": {"name": "f", "inputSchema": "object"},
+    "MCP inputSchema of type array": {"name": "f", "inputSchema": {"type": "array", "items": {}}},
+    "not an object": "get_weather",
+    "no function": {"type": "function"},
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_TOOLS))
+def test_bad_tool_definitions_get_400(server, client, bad):
+    """A tool with a bad name (not a string, empty, outside OpenAI's ^[a-zA-Z0-9_-]{1,64}$) or a schema that is
+    not an object schema, OpenAI-style or MCP-style, is a 400 in OpenAI's error shape with param "tools"."""
+    import openai
+
+    tools = [TOOLS[0], BAD_TOOLS[bad]]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=_user("hi"), tools=tools, max_tokens=2)
+    assert e.value.status_code == 400 and e.value.param == "tools" and e.value.type == "invalid_request_error"
+    assert set(e.value.body) == {"message", "type", "param", "code"} and "tools[1]" in e.value.message
+    status, body = _raw_post(server, json.dumps({"model": MODEL, "messages": _user("hi"), "tools": tools}))
+    assert status == 400 and body["error"]["param"] == "tools"
+
+
+def test_good_tool_definitions_are_served(client):
+    """The edges of what is valid: OpenAI's whole name alphabet at the 64-character limit, MCP ``inputSchema``,
+    a bare function, no or an empty ``parameters``, boolean property schemas."""
+    tok = ByteTokenizer()
+    tools = [
+        _function("A-z_0-9" + "x" * 57, description="d", parameters=OBJECT),
+        _function("-", parameters={}),
+        _function("_"),
+        _function("n", parameters=None),
+        {"name": "search", "description": "MCP", "inputSchema": {"type": "object", "properties": {"q": True}}},
+        {"name": "bare", "parameters": OBJECT},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=_user("hi"), tools=tools, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == len(chat.render(_user("hi"), tok, tools=tools, add_generation_prompt=True)[0])
 
 
 def test_async_engine_batches_concurrent_requests(checkpoint, reference):
