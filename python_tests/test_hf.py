@@ -15,9 +15,6 @@ import k2.ops
 from k2.errors import CheckpointError
 from k2.model import Transformer, load_hf, presets, save_hf
 
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
-
 YARN = {
     "type": "yarn",
     "factor": 4.0,
@@ -32,9 +29,6 @@ VARIANTS = {
     "no_q_lora+yarn": {"q_lora_rank": None, "rope_scaling": YARN},
     "q_lora+yarn+groups": {"rope_scaling": YARN, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5},
 }
-needs_fp8_ops = pytest.mark.skipif(
-    not hasattr(k2.ops, "dequantize_128x128"), reason="k2.ops.dequantize_128x128 (FP8 family) is not available"
-)
 
 
 def _k2_model(seed=0, **changes) -> Transformer:
@@ -54,6 +48,8 @@ def _ids(seed=1, shape=(2, 48)):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_k2_checkpoint_loads_in_transformers(tmp_path, variant):
+    from transformers import DeepseekV3ForCausalLM
+
     model = _k2_model(**VARIANTS[variant])
     save_hf(model, tmp_path / "ckpt", dtype=torch.float32)
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
@@ -64,6 +60,8 @@ def test_k2_checkpoint_loads_in_transformers(tmp_path, variant):
 
 
 def _hf_config(q_lora_rank, rope, n_group=1, topk_group=1, num_mtp_layers=0):
+    from transformers import DeepseekV3Config
+
     return DeepseekV3Config(
         vocab_size=512,
         hidden_size=64,
@@ -102,6 +100,8 @@ HF_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))
 def test_transformers_checkpoint_loads_in_k2(tmp_path, variant):
+    from transformers import DeepseekV3ForCausalLM
+
     torch.manual_seed(0)
     hf = DeepseekV3ForCausalLM(_hf_config(**HF_VARIANTS[variant])).eval()
     with torch.no_grad():
@@ -211,7 +211,6 @@ def _quantize_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@needs_fp8_ops
 def test_fp8_checkpoint_written_by_hand_dequantizes(tmp_path):
     model = _k2_model(hidden_size=256, intermediate_size=320, moe_intermediate_size=160)
     save_hf(model, tmp_path / "ckpt", dtype=torch.float32)
@@ -227,7 +226,6 @@ def test_fp8_checkpoint_written_by_hand_dequantizes(tmp_path):
     torch.testing.assert_close(loaded.layers[1].mlp.experts.w_down[2], expected, atol=0, rtol=0)
 
 
-@needs_fp8_ops
 def test_fp8_save_load_round_trip(tmp_path):
     model = _k2_model(hidden_size=256, intermediate_size=320, moe_intermediate_size=160)
     save_hf(model, tmp_path / "ckpt", fp8=True)
