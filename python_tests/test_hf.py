@@ -133,7 +133,7 @@ def test_legacy_rope_scaling_keys(tmp_path):
 def test_sharded_save_replaces_atomically(tmp_path):
     model = _k2_model()
     target = tmp_path / "ckpt"
-    save_hf(model, target, max_shard_size="400KB")  # bf16 default
+    save_hf(model, target, max_shard_size="400KB", dtype=torch.bfloat16)
     index = json.loads((target / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
@@ -228,7 +228,7 @@ def test_fp8_checkpoint_written_by_hand_dequantizes(tmp_path):
 
 def test_fp8_save_load_round_trip(tmp_path):
     model = _k2_model(hidden_size=256, intermediate_size=320, moe_intermediate_size=160)
-    save_hf(model, tmp_path / "ckpt", fp8=True)
+    save_hf(model, tmp_path / "ckpt", fp8=True, dtype=torch.bfloat16)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     tensors = load_file(tmp_path / "ckpt" / "model-00001-of-00001.safetensors")
@@ -251,3 +251,22 @@ def test_fp8_save_load_round_trip(tmp_path):
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p, expected[name], atol=0, rtol=0, msg=name)
         assert (p - dict(model.named_parameters())[name]).norm() < 0.05 * p.norm(), name  # E4M3: 3 mantissa bits
+
+
+def test_default_save_keeps_the_model_dtype(tmp_path):
+    """save_hf with no dtype stores the model's own dtype (as save_pretrained): an fp32 model comes back with the
+    same logits through transformers and through load_hf (a bf16 default would move them by ~1e-2)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = _k2_model()
+    save_hf(model, tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["torch_dtype"] == "float32"
+    x = _ids()
+    with torch.no_grad():
+        expected = model(x)
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "fp32").eval()
+        assert hf.dtype == torch.float32
+        torch.testing.assert_close(hf(x).logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(load_hf(tmp_path / "fp32")(x), expected)
+    save_hf(model.to(torch.bfloat16), tmp_path / "bf16")  # a bf16 model stays bf16
+    assert load_hf(tmp_path / "bf16").embed_tokens.weight.dtype == torch.bfloat16

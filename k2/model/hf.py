@@ -277,16 +277,20 @@ def save_hf(
     path: str | os.PathLike,
     *,
     fp8: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
 ) -> None:
     """Write ``model`` as a Hugging Face checkpoint directory (config.json, shards, index), atomically.
 
-    ``dtype``: storage dtype of the unquantised tensors (bf16 like the released checkpoints; fp32 for exact
-    round trips). ``fp8=True`` stores linear-layer weights as E4M3 with 128×128 ``weight_scale_inv`` blocks.
+    ``dtype``: storage dtype of the unquantised tensors; by default the model's own parameter dtype (as
+    transformers' ``save_pretrained``), so a save and reload gives the same logits. ``torch.bfloat16`` (the
+    released checkpoints' choice) and ``fp8=True`` (linear-layer weights as E4M3 with 128×128
+    ``weight_scale_inv`` blocks) are explicit, lossy choices.
     An existing directory at ``path`` is replaced only once the new one is complete.
     """
     path = Path(path)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
     limit = _parse_size(max_shard_size)
     shards: list[list[tuple[str, object]]] = [[]]
     size, total = 0, 0
