@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from k2.data import chat
 
     engine, tokenizer = build_engine(args)
-    stops = tuple(tokenizer.special_tokens[s] for s in chat.STOP_TOKENS if s in tokenizer.special_tokens)
+    stops = chat.stop_token_ids(tokenizer)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

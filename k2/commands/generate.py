@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         ids, _ = chat.render(messages, tokenizer, add_generation_prompt=True)
-        stops = tuple(tokenizer.special_tokens[s] for s in chat.STOP_TOKENS if s in tokenizer.special_tokens)
+        stops = chat.stop_token_ids(tokenizer)
     else:
         ids = tokenizer.encode(prompt)
         stops = (tokenizer.eos_id,)
