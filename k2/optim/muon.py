@@ -169,6 +169,12 @@ class Muon(Optimizer):
 
         self._zero = Zero1.create(process_group, reduce_gradients)
 
+    @property
+    def zero1(self) -> Any:
+        """The ZeRO-1 sharding (``k2.optim.distributed.Zero1``) when built with ``process_group``, else None:
+        what a checkpointer needs to know about this optimizer's state layout."""
+        return self._zero
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group`` after the checks every group gets, at construction or later:
         hyperparameters in range, and only matrices ``[..., A, B]`` in a Muon group."""

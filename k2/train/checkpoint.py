@@ -159,7 +159,7 @@ def _zero1(optimizer: torch.optim.Optimizer) -> Any:
     """The ZeRO-1 sharding of a ``k2.optim.Muon``/``MuonClip`` built with a process group, else None."""
     from k2.optim.distributed import Zero1
 
-    zero = getattr(optimizer, "_zero", None)
+    zero = getattr(optimizer, "zero1", None)
     return zero if isinstance(zero, Zero1) else None
 
 
