@@ -43,12 +43,17 @@ py::dict build_info() {
     info["cuda_version"] = py::none();
     info["cuda_architectures"] = py::list();
 #endif
+#ifdef K2_WITH_CUTLASS
+    info["cutlass"] = true;  // the CUTLASS tensor-core GEMMs (sm90_*.cu / sm80_*.cu) are compiled in
+#else
+    info["cutlass"] = false;
+#endif
     info["cpu_threads"] = num_threads();
     return info;
 }
 
 void register_common(py::module_& m) {
-    m.def("build_info", &build_info, "How this extension was built: version, compiler, CUDA and its architectures.");
+    m.def("build_info", &build_info, "How this extension was built: version, compiler, CUDA, architectures, CUTLASS.");
     m.def(
         "available", [] { return kernel_families(); },
         "Kernel families in this build and the device types ('cpu', 'cuda') each has kernels for.");

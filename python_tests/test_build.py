@@ -1,5 +1,6 @@
 """Properties of the built extension that users rely on: k2._C links no torch library (one wheel for any
-torch), and a CUDA build really contains device code for the architectures it reports."""
+torch), a CUDA build really contains device code for the architectures it reports, and it never lost CUTLASS
+(whose absence would leave bf16 on CUDA cores and no FP8 GEMM while every CPU test still passes)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,15 @@ def test_cuda_build_contains_device_code_for_each_architecture() -> None:
     assert out.returncode == 0, out.stderr
     for arch in build["cuda_architectures"]:
         assert f"sm_{arch}" in out.stdout, f"no sm_{arch} device code in k2._C:\n{out.stdout}"
+
+
+def test_build_info_reports_cutlass_and_a_cuda_build_has_it() -> None:
+    build = C.build_info()
+    assert isinstance(build.get("cutlass"), bool), build
+    if build["cuda"]:
+        assert build["cutlass"], (
+            "k2._C has CUDA kernels but not the CUTLASS tensor-core GEMMs: rebuild with nvidia-cutlass installed "
+            f"(or K2_CUTLASS_DIR) and 90a or 80 in CMAKE_CUDA_ARCHITECTURES; build_info: {build}"
+        )
+    else:
+        assert not build["cutlass"]
