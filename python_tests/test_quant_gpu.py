@@ -122,3 +122,40 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.k2.quantize_1x128, (x, torch.float8_e4m3fn, False))
     torch.library.opcheck(torch.ops.k2.quantize_1x128_transposed, (x, torch.float8_e5m2, True))
     torch.library.opcheck(torch.ops.k2.quantize_128x128, (x, torch.float8_e4m3fn))
+
+
+def test_past_2_31_elements():
+    """x [299595, 7168] bf16 has more than 2^31 elements: index arithmetic in int32 would wrap on the last rows
+    (quantize_1x128, dequantize_128x128), the last columns (quantize_1x128_transposed: q [7168, 299595]) and the
+    last tile rows (quantize_128x128). Checked against the reference on the slices the overflow would hit."""
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if total < 32 * 2**30:
+        pytest.skip("needs a GPU with 32 GiB")
+    m, k = 2**31 // 7168 + 2, 7168
+    assert m * k > 2**31
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    head, tail = slice(0, 3), slice(m - 300, m)  # tail: the rows past element 2^31 and the partial last tile
+
+    q, s = k2.ops.quantize_1x128(x)
+    for rows in (head, tail):
+        q_ref, s_ref = reference(k2.ops.quantize_1x128, x[rows])
+        same(q[rows], q_ref)
+        same(s[rows], s_ref)
+    del q, s
+
+    q, s = k2.ops.quantize_1x128_transposed(x)  # [k, m]: the last of x's columns become q's last rows
+    assert q.shape == (k, m)
+    for cols in (slice(0, 2), slice(k - 2, k)):
+        q_ref, s_ref = reference(k2.ops.quantize_1x128, x[:, cols].mT.contiguous())
+        same(q[cols], q_ref)
+        same(s[cols], s_ref)
+    del q, s
+
+    q, s = k2.ops.quantize_128x128(x)
+    first_tile = (m - 300) // 128 * 128  # tile-aligned, so the reference sees the same tiles
+    q_ref, s_ref = reference(k2.ops.quantize_128x128, x[first_tile:])
+    same(q[first_tile:], q_ref)
+    same(s[first_tile // 128 :], s_ref)
+    out = k2.ops.dequantize_128x128(q, s, torch.bfloat16)
+    same(out[first_tile:], reference(k2.ops.dequantize_128x128, q[first_tile:], s[first_tile // 128 :], torch.bfloat16))
+    same(out[head], reference(k2.ops.dequantize_128x128, q[:128], s[:1], torch.bfloat16)[head])
