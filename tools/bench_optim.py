@@ -19,6 +19,7 @@ Candidates, same hyperparameters (lr 0.02, momentum 0.95, Nesterov, weight decay
 
     python tools/bench_optim.py --sets small-experts --json bench_optim.json
     python tools/bench_optim.py --sets kimi_k2-experts --steps 1 --warmup 0 --kimi-torch-matrices 0
+    python tools/bench_optim.py --device cuda --json bench_optim.json       # on a GPU (CUDA synchronised)
 """
 
 from __future__ import annotations
@@ -70,27 +71,37 @@ def parameter_set(name: str, kimi_experts: int) -> list[tuple[int, ...]]:
     raise SystemExit(f"bench_optim: unknown set {name!r}; known: tiny-experts, small-experts, small, kimi_k2-experts")
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_steps(params: list[torch.Tensor], opt: torch.optim.Optimizer, steps: int, warmup: int) -> list[float]:
     gen = torch.Generator().manual_seed(0)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+    device = params[0].device
     for _ in range(warmup):  # state allocation, first-call costs
         opt.step()
     times = []
     for _ in range(steps):
+        _sync(device)
         t0 = time.perf_counter()
         opt.step()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def bench_set(name: str, shapes: list[tuple[int, ...]], steps: int, warmup: int, torch_matrices: int) -> dict:
+def bench_set(
+    name: str, shapes: list[tuple[int, ...]], steps: int, warmup: int, torch_matrices: int, device: torch.device
+) -> dict:
     matrices = [s[-2:] for s in shapes for _ in range(s[0] if len(s) == 3 else 1)]
     row: dict = {"set": name, "matrices": len(matrices), "elements": sum(a * b for a, b in matrices)}
-    stacks = [torch.randn(s) * 0.02 for s in shapes]
+    stacks = [torch.randn(s, device=device) * 0.02 for s in shapes]
     row["k2_batched_s"] = statistics.median(_time_steps(stacks, Muon(stacks, **HYPER), steps, warmup))
     del stacks
-    singles = [torch.randn(a, b) * 0.02 for a, b in matrices]
+    singles = [torch.randn(a, b, device=device) * 0.02 for a, b in matrices]
     limit = muon_module._NS_BATCH_ELEMENTS
     muon_module._NS_BATCH_ELEMENTS = 1  # every Newton-Schulz call gets one matrix: the per-matrix loop
     try:
@@ -99,7 +110,7 @@ def bench_set(name: str, shapes: list[tuple[int, ...]], steps: int, warmup: int,
         muon_module._NS_BATCH_ELEMENTS = limit
     del singles
     if torch_matrices > 0:
-        subset = [torch.randn(a, b) * 0.02 for a, b in matrices[:torch_matrices]]
+        subset = [torch.randn(a, b, device=device) * 0.02 for a, b in matrices[:torch_matrices]]
         measured = statistics.median(_time_steps(subset, torch.optim.Muon(subset, **HYPER), steps, warmup))
         row["torch_measured_matrices"] = len(subset)
         row["torch_measured_s"] = measured
@@ -112,6 +123,7 @@ def bench_set(name: str, shapes: list[tuple[int, ...]], steps: int, warmup: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--sets", default="small-experts,kimi_k2-experts")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -127,7 +139,8 @@ def main() -> None:
     rows = []
     for name in args.sets.split(","):
         torch_n = args.kimi_torch_matrices if name == "kimi_k2-experts" else args.torch_matrices
-        rows.append(bench_set(name, parameter_set(name, args.kimi_experts), args.steps, args.warmup, torch_n))
+        shapes = parameter_set(name, args.kimi_experts)
+        rows.append(bench_set(name, shapes, args.steps, args.warmup, torch_n, torch.device(args.device)))
         r = rows[-1]
         torch_col = "not run"
         if "torch_muon_s" in r:
@@ -140,6 +153,7 @@ def main() -> None:
         )
     info = {
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "hyperparameters": HYPER,
