@@ -139,16 +139,19 @@ TEST(Backend, TensorCoreAlignment) {
     EXPECT_FALSE(tensor_core_aligned({8}, {buffer + 2}));
 }
 
-TEST(Scratch, ArraysAreAlignedAndDisjoint) {
-    ScratchPlan plan;
-    const int a = plan.add(12), b = plan.add(0), c = plan.add(300);
-    EXPECT_EQ(plan.offset[a], 0u);
-    EXPECT_EQ(plan.offset[b], 128u);
-    EXPECT_EQ(plan.offset[c], 128u);
-    EXPECT_EQ(plan.total, 128u + 384u);
-    for (int i = 0; i < plan.count; ++i) EXPECT_EQ(plan.offset[i] % ScratchPlan::kAlign, 0u);
-    for (int i = plan.count; i < ScratchPlan::kMaxArrays; ++i) plan.add(1);
-    EXPECT_THROW(plan.add(1), std::length_error);
+TEST(Backend, WorkspaceBoundsTheChosenBackend) {
+    // The workspace is sized before the operands' alignment is known: by the back end aligned operands get.
+    // Unaligned operands may only fall back to the SIMT kernel, which needs no workspace.
+    for (ElementKind element : {ElementKind::kFloat32, ElementKind::kBFloat16, ElementKind::kFloat16})
+        for (int major : {7, 8, 9, 10})
+            for (bool have90 : {false, true})
+                for (bool have80 : {false, true}) {
+                    const Backend sized = workspace_backend(element, major, 0, have90, have80);
+                    EXPECT_EQ(choose_backend(element, major, 0, true, have90, have80), sized);
+                    EXPECT_EQ(choose_backend(element, major, 0, false, have90, have80), Backend::kSimt);
+                }
+    EXPECT_EQ(workspace_backend(ElementKind::kFloat32, 9, 0, true, true), Backend::kSimt);
+    EXPECT_EQ(workspace_backend(ElementKind::kBFloat16, 9, 0, true, true), Backend::kSm90);
 }
 
 }  // namespace

@@ -154,3 +154,35 @@ def test_empty_tensors_are_contiguous_whatever_their_strides():
     C.quantize_1x128(_native.view(x), _native.view(q), _native.view(s), False, 0)
     ref_q, ref_s = reference.quantize_1x128(x, torch.float8_e4m3fn, False)
     assert q.shape == ref_q.shape and s.shape == ref_s.shape
+
+
+class _Producer:
+    """A DLPack producer that reports ``device_type`` and records the stream ``__dlpack__`` is asked for (its data
+    is a CPU tensor, so the op can run whatever it reports)."""
+
+    def __init__(self, t: torch.Tensor, device_type: int) -> None:
+        self.t, self.device_type, self.streams = t, device_type, []
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (self.device_type, 0)
+
+    def __dlpack__(self, stream=None):
+        self.streams.append(stream)
+        return self.t.__dlpack__()
+
+
+@needs_native
+def test_dlpack_cuda_producers_get_the_ops_stream():
+    # DLPack's stream handshake: a CUDA producer is told the stream the op runs on, so it can order its pending
+    # work on the tensor before it; the legacy default stream (handle 0) is spelled 1. CPU producers get none.
+    x = torch.randn(4, 256)
+    q, s = outputs(x)
+    for stream, expected in [(0x7F00, 0x7F00), (0, 1)]:
+        producer = _Producer(x, 2)
+        C.quantize_1x128(producer, _native.view(q), _native.view(s), False, stream)
+        assert producer.streams == [expected]
+    cpu_producer = _Producer(x, 1)
+    C.quantize_1x128(cpu_producer, _native.view(q), _native.view(s), False, 0x7F00)
+    assert cpu_producer.streams == [None]
+    q_ref, s_ref = reference.quantize_1x128(x, torch.float8_e4m3fn, False)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)

@@ -20,6 +20,27 @@ inline void check(cudaError_t err, const char* family, const char* what) {
         throw std::runtime_error(std::string("k2 ") + family + ": " + what + ": " + cudaGetErrorString(err));
 }
 
+// Makes CUDA device `device` current for its lifetime, then restores the previous one. For host functions that
+// take an explicit device index (the workspace queries); the ops themselves run on the current device, which
+// k2.ops makes the tensors' device.
+class ScopedDevice {
+  public:
+    explicit ScopedDevice(int device) {
+        check(cudaGetDevice(&previous_), "device", "cudaGetDevice");
+        if (device != previous_) check(cudaSetDevice(device), "device", "cudaSetDevice");
+        changed_ = device != previous_;
+    }
+    ~ScopedDevice() {
+        if (changed_) cudaSetDevice(previous_);
+    }
+    ScopedDevice(const ScopedDevice&) = delete;
+    ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+  private:
+    int previous_ = 0;
+    bool changed_ = false;
+};
+
 __device__ __forceinline__ float to_f32(float v) {
     return v;
 }

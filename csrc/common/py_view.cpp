@@ -65,8 +65,19 @@ DType dtype_from_dlpack(DLDataType t, const char* op, const char* arg) {
     fail_argument(op, arg, "unsupported DLPack dtype (code ", int(t.code), ", ", int(t.bits), " bits)");
 }
 
-PyTensor from_dlpack(const py::handle& obj, const char* op, const char* arg) {
-    py::object capsule = obj.attr("__dlpack__")();
+// DLPack device types this boundary reads: CPU, CUDA, CUDA host (pinned) memory.
+constexpr int32_t kDLCPU = 1, kDLCUDA = 2, kDLCUDAHost = 3;
+
+PyTensor from_dlpack(const py::handle& obj, const char* op, const char* arg, uintptr_t stream) {
+    // A CUDA producer gets the consumer's stream; 0 (legacy default) is spelled 1 in the protocol, where 0 is
+    // disallowed. CPU producers get no stream argument (NumPy rejects any).
+    bool cuda = false;
+    if (py::hasattr(obj, "__dlpack_device__")) {
+        py::tuple device = obj.attr("__dlpack_device__")();
+        cuda = device.size() >= 1 && device[0].cast<int32_t>() == kDLCUDA;
+    }
+    py::object capsule = cuda ? obj.attr("__dlpack__")(py::arg("stream") = stream == 0 ? uintptr_t(1) : stream)
+                              : obj.attr("__dlpack__")();
     K2_CHECK_ARG(PyCapsule_IsValid(capsule.ptr(), "dltensor"), op, arg, "__dlpack__ did not return a DLPack capsule");
     auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
     const DLTensor& t = managed->dl_tensor;
@@ -82,9 +93,10 @@ PyTensor from_dlpack(const py::handle& obj, const char* op, const char* arg) {
         for (int d = t.ndim - 1; d >= 0; --d) out.view.strides[d] = s, s *= t.shape[d];
     }
     out.view.dtype = dtype_from_dlpack(t.dtype, op, arg);
-    K2_CHECK_ARG(t.device.device_type == 1 || t.device.device_type == 2 || t.device.device_type == 3, op, arg,
-                 "expected a CPU or CUDA DLPack tensor, got device type ", t.device.device_type);
-    out.view.device = t.device.device_type == 2 ? DeviceType::CUDA : DeviceType::CPU;
+    const int32_t type = t.device.device_type;
+    K2_CHECK_ARG(type == kDLCPU || type == kDLCUDA || type == kDLCUDAHost, op, arg,
+                 "expected a CPU or CUDA DLPack tensor, got device type ", type);
+    out.view.device = type == kDLCUDA ? DeviceType::CUDA : DeviceType::CPU;
     out.view.device_index = t.device.device_id;
     return out;
 }
@@ -124,11 +136,20 @@ PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
 
 }  // namespace
 
-PyTensor to_view(const py::handle& obj, const char* op, const char* arg) {
+PyTensor to_view(const py::handle& obj, const char* op, const char* arg, uintptr_t stream) {
     if (py::isinstance<py::tuple>(obj)) return from_tuple(obj.cast<py::tuple>(), op, arg);
-    if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, arg);
+    if (py::hasattr(obj, "__dlpack__")) return from_dlpack(obj, op, arg, stream);
     fail_argument(op, arg, "expected a tensor view tuple or an object with __dlpack__, got ",
                   std::string(py::str(obj.get_type().attr("__name__"))));
+}
+
+PyTensor to_workspace(const py::handle& obj, const TensorView& like, const char* op, uintptr_t stream) {
+    PyTensor ws = to_view(obj, op, "workspace", stream);
+    expect_ndim(ws.view, op, "workspace", 1);
+    expect_dtype(ws.view, op, "workspace", {DType::UInt8});
+    expect_contiguous(ws.view, op, "workspace");
+    expect_same_device(like, ws.view, op, "workspace");
+    return ws;
 }
 
 void expect_device_supported(const TensorView& t, const char* op, const char* arg, bool has_cuda_kernel) {

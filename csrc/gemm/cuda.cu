@@ -1,7 +1,9 @@
 // Host side of the gemm family's CUDA path: picks the back end per call (grouped_problem.h: choose_backend) and
-// the layout, zero-fills the weight gradient of empty groups, and launches. Nothing here reads the offsets.
+// the layout, zero-fills the weight gradient of empty groups, sizes the workspace, and launches. Nothing here
+// reads the offsets. Empty problems (no rows, no groups, K = 0) are finished here, never launched as empty grids.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -87,6 +89,29 @@ __global__ void zero_empty_groups(const int32_t* offsets, int num_groups, Word* 
     }
 }
 
+// The workspace of the back end workspace_backend picks for `layout` (before the operands' alignment is known).
+std::size_t tensor_core_workspace(const GroupedRun& r, DType dtype, GemmLayout layout) {
+    if (r.desc.num_groups <= 0) return 0;
+    const DeviceInfo info = device_info(r.device);
+    const Backend backend = workspace_backend(element_kind(dtype), info.major, info.minor, kHaveSm90, kHaveSm80);
+#ifdef K2_GEMM_SM90
+    if (backend == Backend::kSm90) {
+        if (layout == GemmLayout::kRowCol) return workspace_sm90_bf16_row_col(r);
+        if (layout == GemmLayout::kRowRow) return workspace_sm90_bf16_row_row(r);
+        return workspace_sm90_bf16_col_row(r);
+    }
+#endif
+#ifdef K2_GEMM_SM80
+    if (backend == Backend::kSm80) {
+        if (layout == GemmLayout::kRowCol) return workspace_sm80_bf16_row_col(r);
+        if (layout == GemmLayout::kRowRow) return workspace_sm80_bf16_row_row(r);
+        return workspace_sm80_bf16_col_row(r);
+    }
+#endif
+    (void)layout, (void)backend;
+    return 0;
+}
+
 void run(const GroupedRun& r, DType dtype, std::initializer_list<int64_t> leading_dims) {
     const DeviceInfo info = device_info(r.device);
     const bool aligned = tensor_core_aligned(leading_dims, {r.a, r.b, r.d, r.c ? r.c : r.d});
@@ -106,26 +131,55 @@ void run(const GroupedRun& r, DType dtype, std::initializer_list<int64_t> leadin
         return run_sm80_bf16_col_row(r);
     }
 #endif
+    (void)layout;
     run_simt(r, dtype);
 }
 
 }  // namespace
 
+std::size_t grouped_workspace_size(DType dtype, int64_t num_groups, int device) {
+    if (num_groups <= 0 || dtype != DType::BFloat16) return 0;  // only the bf16 tensor-core paths need one
+    cu::ScopedDevice scope(device);
+    GroupedRun r{};
+    r.desc.num_groups = int32_t(num_groups);
+    r.device = device;
+    r.sm_count = device_info(device).sm_count;
+    std::size_t bytes = 0;
+    for (GemmLayout layout : {GemmLayout::kRowCol, GemmLayout::kRowRow, GemmLayout::kColRow})
+        bytes = std::max(bytes, tensor_core_workspace(r, dtype, layout));
+    return bytes;
+}
+
+std::size_t grouped_gemm_fp8_workspace_size(int64_t num_groups, int device) {
+    if (num_groups <= 0) return 0;
+    cu::ScopedDevice scope(device);
+    if (!fp8_supported(device)) return 0;
+#ifdef K2_GEMM_SM90
+    return workspace_sm90_fp8_blockwise(int(num_groups), device, device_info(device).sm_count);
+#else
+    return 0;
+#endif
+}
+
 void grouped_gemm_cuda(const GroupedGemmParams& p, void* stream) {
     K2_NVTX_RANGE(p.desc.mode == GroupedMode::kWgrad ? "k2::grouped_gemm_wgrad" : "k2::grouped_gemm");
     const GroupedDesc& desc = p.desc;
     auto s = static_cast<cudaStream_t>(stream);
-    const int device = current_device();
-    const GroupedRun r{desc, p.a, p.b, nullptr, p.d, 1.0f, 0.0f, p.total_rows, device, device_info(device).sm_count, s};
     const int64_t elem = p.dtype == DType::Float32 ? 4 : 2;
     if (desc.mode == GroupedMode::kRows) {
         if (p.total_rows == 0 || desc.n == 0) return;
-        if (desc.k == 0) return check_cuda(cudaMemsetAsync(p.d, 0, p.total_rows * desc.n * elem, s), "memset");
-        return run(r, p.dtype, {desc.k, desc.n});
+        // No reduction (K = 0) or no group owning any row (E = 0): every product is empty, out is zero. Handled
+        // here because a launch over zero groups is a zero-sized grid.
+        if (desc.k == 0 || desc.num_groups == 0)
+            return check_cuda(cudaMemsetAsync(p.d, 0, p.total_rows * desc.n * elem, s), "memset");
     }
     // kWgrad: dW [E, k, n] (or [E, n, k]).
     const int64_t group_elems = desc.k * desc.n;
-    if (group_elems == 0 || desc.num_groups == 0) return;
+    if (desc.mode == GroupedMode::kWgrad && (group_elems == 0 || desc.num_groups == 0)) return;
+    const int device = current_device();
+    const GroupedRun r{
+        desc, p.a, p.b, nullptr, p.d, 1.0f, 0.0f, p.total_rows, device, device_info(device).sm_count, s, p.workspace};
+    if (desc.mode == GroupedMode::kRows) return run(r, p.dtype, {desc.k, desc.n});
     const int64_t group_bytes = group_elems * elem;
     const dim3 grid(unsigned(std::min<int64_t>((group_bytes / 2 + 255) / 256, 1024)),
                     unsigned(std::min(desc.num_groups, 65535)));
@@ -154,7 +208,8 @@ void batched_gemm_cuda(const BatchedGemmParams& p, void* stream) {
                        d.batch_m,
                        device,
                        device_info(device).sm_count,
-                       static_cast<cudaStream_t>(stream)};
+                       static_cast<cudaStream_t>(stream),
+                       p.workspace};
     run(r, p.dtype,
         {d.batch_lda, d.batch_ldb, d.batch_ldc, d.batch_ldd, d.stride_a, d.stride_b, d.stride_c, d.stride_d});
 }
@@ -172,7 +227,9 @@ void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream) {
         throw UnsupportedError("k2.ops.grouped_gemm_fp8: needs an sm_90 GPU and a build with sm_90a kernels");
     if (p.total_rows == 0 || p.n == 0) return;
     auto s = static_cast<cudaStream_t>(stream);
-    if (p.k == 0) return check_cuda(cudaMemsetAsync(p.out, 0, p.total_rows * p.n * 2, s), "memset");
+    // K = 0 or no groups (E = 0): out is zero, without a zero-sized launch.
+    if (p.k == 0 || p.num_groups == 0)
+        return check_cuda(cudaMemsetAsync(p.out, 0, p.total_rows * p.n * 2, s), "memset");
 #ifdef K2_GEMM_SM90
     run_sm90_fp8_blockwise(p, device, device_info(device).sm_count, s);
 #endif

@@ -5,12 +5,16 @@
 //   grouped_gemm_fp8    out [T, N] bf16 = (x_fp8 * x_scale) @ (w_fp8 * w_scale)_e^T, DeepSeek-V3 block scales:
 //                       x_scale [T, ceil(K/128)] per 1x128 block, w_scale [E, ceil(N/128), ceil(K/128)] per 128x128
 //   batched_gemm        D_b = alpha * A_b . B_b + beta * C_b for equal problems (Newton-Schulz's three GEMMs)
-// All tensors are contiguous; offsets stay on the device; work runs on `stream` (a cudaStream_t).
+// All tensors are contiguous; offsets stay on the device; work runs on `stream` (a cudaStream_t) on the current
+// CUDA device, which must be the tensors' device. Each call takes a workspace of at least the bytes its
+// *_workspace_size query returns for that device (common/workspace.h); the kernels allocate nothing.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/workspace.h"
 #include "gemm/grouped_problem.h"
 
 namespace k2::gemm {
@@ -22,6 +26,7 @@ struct GroupedGemmParams {
     const void* b;       // kRows: w; kWgrad: dy (trans_w false) or x (trans_w true)
     void* d;             // out
     int64_t total_rows;  // T
+    Workspace workspace;
 };
 
 struct GroupedGemmFp8Params {
@@ -33,6 +38,7 @@ struct GroupedGemmFp8Params {
     const void* w;             // float8_e4m3fn [E, N, K]
     const float* w_scale;      // [E, ceil(N/128), ceil(K/128)]
     void* out;                 // bfloat16 [T, N]
+    Workspace workspace;
 };
 
 struct BatchedGemmParams {
@@ -43,7 +49,14 @@ struct BatchedGemmParams {
     const void* c;  // may equal d; unread when beta == 0
     void* d;
     float alpha, beta;
+    Workspace workspace;
 };
+
+// Workspace bytes of grouped_gemm_cuda and batched_gemm_cuda for `num_groups` problems of `dtype` on CUDA device
+// `device` (the same for every layout and mode), and of grouped_gemm_fp8_cuda. Zero when no tensor-core back end
+// can run (fp32, fp16, pre-Ampere GPUs) or there are no groups.
+std::size_t grouped_workspace_size(DType dtype, int64_t num_groups, int device);
+std::size_t grouped_gemm_fp8_workspace_size(int64_t num_groups, int device);
 
 void grouped_gemm_cuda(const GroupedGemmParams& p, void* stream);
 void grouped_gemm_fp8_cuda(const GroupedGemmFp8Params& p, void* stream);

@@ -1,7 +1,7 @@
 // Host/device logic of the grouped GEMM that needs no CUDA: how each group's problem is derived from the int32
-// cumulative offsets, which back end may run it, and how the device-side argument arrays are laid out in one
-// scratch allocation. Header-only and framework-free: the CUDA argument builders call group_problem() on the
-// device (one thread per group, so no host sync), and cpp_tests check all of it on the host.
+// cumulative offsets, which back end may run it, and which back end sizes a call's workspace. Header-only and
+// framework-free: the CUDA argument builders call group_problem() on the device (one thread per group, so no host
+// sync), and cpp_tests check all of it on the host.
 //
 // Every problem is D [M, N] (row-major, ldd) = alpha * A [M, K] . B [K, N] + beta * C [M, N] (row-major, ldc), with
 // A and B in the layout of their GemmLayout (CUTLASS's RowMajor / ColumnMajor naming). Three layouts cover the
@@ -14,7 +14,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <stdexcept>
 
 #if defined(__CUDACC__)
 #define K2_HOST_DEVICE __host__ __device__ __forceinline__
@@ -125,26 +124,10 @@ inline Backend choose_backend(ElementKind element, int cc_major, int cc_minor, b
     return Backend::kSimt;
 }
 
-// ---- Scratch layout -------------------------------------------------------------------------------------------
-
-// Byte offsets of consecutive arrays in one allocation, each aligned to kAlign (TMA descriptors and CUTLASS's
-// own workspace want 128 bytes).
-struct ScratchPlan {
-    static constexpr std::size_t kAlign = 128;
-    static constexpr int kMaxArrays = 16;
-    std::size_t offset[kMaxArrays] = {};
-    int count = 0;
-    std::size_t total = 0;
-
-    static std::size_t round_up(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
-    // Appends an array of `bytes` and returns its index.
-    int add(std::size_t bytes) {
-        if (count == kMaxArrays) throw std::length_error("k2 gemm: ScratchPlan holds at most 16 arrays");
-        offset[count] = total;
-        total += round_up(bytes);
-        return count++;
-    }
-};
+// The back end whose workspace a call must be given: the one choose_backend picks for aligned operands. Unaligned
+// operands fall back to the SIMT kernel, which needs none, so the size is known before the pointers are.
+inline Backend workspace_backend(ElementKind element, int cc_major, int cc_minor, bool have_sm90, bool have_sm80) {
+    return choose_backend(element, cc_major, cc_minor, true, have_sm90, have_sm80);
+}
 
 }  // namespace k2::gemm

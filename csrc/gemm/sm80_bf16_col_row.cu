@@ -8,4 +8,8 @@ void run_sm80_bf16_col_row(const GroupedRun& r) {
         r, "k2::grouped_gemm[sm80 bf16 col_row]");
 }
 
+std::size_t workspace_sm80_bf16_col_row(const GroupedRun& r) {
+    return sm80_workspace<Sm80Bf16Config<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>>(r);
+}
+
 }  // namespace k2::gemm

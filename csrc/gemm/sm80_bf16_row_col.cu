@@ -8,4 +8,8 @@ void run_sm80_bf16_row_col(const GroupedRun& r) {
         r, "k2::grouped_gemm[sm80 bf16 row_col]");
 }
 
+std::size_t workspace_sm80_bf16_row_col(const GroupedRun& r) {
+    return sm80_workspace<Sm80Bf16Config<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>>(r);
+}
+
 }  // namespace k2::gemm

@@ -8,4 +8,8 @@ void run_sm80_bf16_row_row(const GroupedRun& r) {
         r, "k2::grouped_gemm[sm80 bf16 row_row]");
 }
 
+std::size_t workspace_sm80_bf16_row_row(const GroupedRun& r) {
+    return sm80_workspace<Sm80Bf16Config<cutlass::layout::RowMajor, cutlass::layout::RowMajor>>(r);
+}
+
 }  // namespace k2::gemm

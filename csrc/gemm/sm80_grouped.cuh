@@ -2,7 +2,7 @@
 // 128x128x32 threadblock tiles, 64x64 warp tiles, mma.sync 16x8x16, 4-stage cp.async pipeline, a persistent
 // grid whose problem visitor computes each group's tile count on the device (GroupScheduleMode::kDeviceOnly),
 // so the offsets never reach the host. build_sm80_arguments writes the per-group sizes, pointers and leading
-// dimensions from the offsets, one thread per group.
+// dimensions from the offsets, one thread per group, into the caller's workspace (Sm80Plan).
 #pragma once
 
 #include <cutlass/cutlass.h>
@@ -47,47 +47,63 @@ __global__ void build_sm80_arguments(GroupedDesc desc, const Element* a, const E
     lds[e] = g.lda, lds[groups + e] = g.ldb, lds[2 * groups + e] = g.ldc, lds[3 * groups + e] = g.ldd;
 }
 
+// The workspace: per-group sizes, pointers and leading dimensions, then CUTLASS's own workspace.
+template <class Config>
+struct Sm80Plan {
+    using Gemm = typename Config::Gemm;
+    using Element = typename Config::Element;
+    WorkspacePlan arrays;
+    int shapes, ptrs, lds, cutlass;
+    int threadblocks;
+
+    explicit Sm80Plan(const GroupedRun& r) {
+        const std::size_t groups = std::size_t(r.desc.num_groups);
+        shapes = arrays.add(groups * sizeof(cutlass::gemm::GemmCoord));
+        ptrs = arrays.add(4 * groups * sizeof(void*));
+        lds = arrays.add(4 * groups * sizeof(int64_t));
+        // Persistent grid: as many threadblocks as fit on the GPU at once; the problem visitor hands out tiles.
+        threadblocks = Gemm::maximum_active_blocks() * r.sm_count;
+        if (threadblocks <= 0) fail_cutlass("maximum_active_blocks", "kernel does not fit on this GPU");
+        Gemm gemm;
+        cutlass = arrays.add(gemm.get_workspace_size(arguments(r, nullptr)));
+    }
+
+    typename Gemm::Arguments arguments(const GroupedRun& r, void* base) const {
+        const int groups = r.desc.num_groups;
+        auto* ptr = base ? arrays.at<Element*>(base, ptrs) : nullptr;
+        auto* ld = base ? arrays.at<int64_t>(base, lds) : nullptr;
+        auto* shape = base ? arrays.at<cutlass::gemm::GemmCoord>(base, shapes) : nullptr;
+        typename Gemm::EpilogueOutputOp::Params epilogue(r.alpha, r.beta);
+        return typename Gemm::Arguments(shape, groups, threadblocks, epilogue, ptr, ptr + groups, ptr + 2 * groups,
+                                        ptr + 3 * groups, ld, ld + groups, ld + 2 * groups, ld + 3 * groups);
+    }
+};
+
+template <class Config>
+std::size_t sm80_workspace(const GroupedRun& r) {
+    return r.desc.num_groups > 0 ? Sm80Plan<Config>(r).arrays.total : 0;
+}
+
 template <class Config>
 void run_sm80_grouped(const GroupedRun& r, const char* name) {
     K2_NVTX_RANGE(name);
-    using Gemm = typename Config::Gemm;
     using Element = typename Config::Element;
     const int groups = r.desc.num_groups;
-
-    ScratchPlan plan;
-    const int i_shapes = plan.add(groups * sizeof(cutlass::gemm::GemmCoord));
-    const int i_ptrs = plan.add(4 * groups * sizeof(void*));
-    const int i_lds = plan.add(4 * groups * sizeof(int64_t));
-    const std::size_t arrays_bytes = plan.total;
-    // Persistent grid: as many threadblocks as fit on the GPU at once; the problem visitor hands out tiles.
-    const int threadblocks = Gemm::maximum_active_blocks() * r.sm_count;
-    if (threadblocks <= 0) fail_cutlass("maximum_active_blocks", "kernel does not fit on this GPU");
-
-    auto make_arguments = [&](char* base) {
-        auto* ptrs = reinterpret_cast<Element**>(base + plan.offset[i_ptrs]);
-        auto* lds = reinterpret_cast<int64_t*>(base + plan.offset[i_lds]);
-        typename Gemm::EpilogueOutputOp::Params epilogue(r.alpha, r.beta);
-        return typename Gemm::Arguments(reinterpret_cast<cutlass::gemm::GemmCoord*>(base + plan.offset[i_shapes]),
-                                        groups, threadblocks, epilogue, ptrs, ptrs + groups, ptrs + 2 * groups,
-                                        ptrs + 3 * groups, lds, lds + groups, lds + 2 * groups, lds + 3 * groups);
-    };
-    Gemm gemm;
-    const std::size_t workspace_bytes = gemm.get_workspace_size(make_arguments(nullptr));
-    char* scratch = nullptr;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&scratch), arrays_bytes + workspace_bytes, r.stream),
-               "cudaMallocAsync");
-    auto args = make_arguments(scratch);
+    const Sm80Plan<Config> plan(r);
+    expect_workspace(r.workspace, plan.arrays.total, "grouped_gemm");
+    auto args = plan.arguments(r, r.workspace.data);
     build_sm80_arguments<Element><<<(groups + 127) / 128, 128, 0, r.stream>>>(
         r.desc, static_cast<const Element*>(r.a), static_cast<const Element*>(r.b),
         static_cast<const Element*>(r.c ? r.c : r.d), static_cast<Element*>(r.d), args.problem_sizes, args.ptr_A,
         args.ptr_B, args.ptr_C, args.ptr_D, args.lda);
     check_cuda(cudaGetLastError(), "build_sm80_arguments launch");
 
-    cutlass::Status status = gemm.initialize(args, workspace_bytes ? scratch + arrays_bytes : nullptr, r.stream);
+    typename Config::Gemm gemm;
+    cutlass::Status status =
+        gemm.initialize(args, plan.arrays.template at<char>(r.workspace.data, plan.cutlass), r.stream);
     if (status != cutlass::Status::kSuccess) fail_cutlass("initialize", cutlassGetStatusString(status));
     status = gemm.run(r.stream);
     if (status != cutlass::Status::kSuccess) fail_cutlass("run", cutlassGetStatusString(status));
-    check_cuda(cudaFreeAsync(scratch, r.stream), "cudaFreeAsync");
 }
 
 }  // namespace k2::gemm

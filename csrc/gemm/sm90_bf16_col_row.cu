@@ -11,4 +11,8 @@ void run_sm90_bf16_col_row(const GroupedRun& r) {
     run_grouped(r, "k2::grouped_gemm[sm90 bf16 col_row]");
 }
 
+std::size_t workspace_sm90_bf16_col_row(const GroupedRun& r) {
+    return workspace_bytes(r);
+}
+
 }  // namespace k2::gemm

@@ -2,7 +2,11 @@
 // K2_LAYOUT_A / K2_LAYOUT_B. Kernel: ptr-array, TMA loads + warp-specialised cooperative WGMMA (two consumer
 // warpgroups on a 128x128x64 tile, a 1x2 cluster multicasting A), persistent group tile scheduler, TMA-store
 // epilogue D = alpha * acc + beta * C. The per-group problem shapes, pointers and strides are written on the
-// device by build_arguments from the int32 offsets (one thread per group), so the host never reads them.
+// device by build_arguments from the int32 offsets (one thread per group), so the host never reads them. All of it
+// lives in the caller's workspace (workspace_bytes), none is allocated here.
+#include <mutex>
+#include <vector>
+
 #include "gemm/sm90_grouped.cuh"
 
 namespace k2::gemm {
@@ -31,7 +35,7 @@ using StrideB = Kernel::InternalStrideB;
 using StrideC = Kernel::InternalStrideC;
 using StrideD = Kernel::InternalStrideD;
 
-// CUTLASS's per-group argument arrays, all in one scratch allocation.
+// CUTLASS's per-group argument arrays, carved from the caller's workspace.
 struct Arrays {
     Shape* shapes;
     const Element** a;
@@ -62,44 +66,70 @@ __global__ void build_arguments(GroupedDesc desc, const Element* a, const Elemen
     out.stride_d[e] = stride_with_ld<StrideD>(g.ldd);
 }
 
-Gemm::Arguments make_arguments(const GroupedRun& r, const Arrays& arr) {
+// The hardware the persistent tile scheduler sizes its grid for: the SM count, and how many 1x2 clusters of this
+// kernel fit on the device at once (its shared memory and cluster shape limit that below sm_count / 2 when GPCs
+// cannot host whole clusters on every SM). Queried once per device, on that device (the caller's current one).
+cutlass::KernelHardwareInfo hardware_info(int device, int sm_count) {
+    static std::mutex mutex;
+    static std::vector<int> clusters_per_device;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (device >= int(clusters_per_device.size())) clusters_per_device.resize(device + 1, 0);
+    int& clusters = clusters_per_device[device];
+    if (clusters == 0) clusters = max_active_clusters<Kernel>();
     cutlass::KernelHardwareInfo hw;
-    hw.device_id = r.device;
-    hw.sm_count = r.sm_count;
+    hw.device_id = device;
+    hw.sm_count = sm_count;
+    hw.max_active_clusters = clusters;
+    return hw;
+}
+
+Gemm::Arguments make_arguments(const GroupedRun& r, const Arrays& arr) {
     Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
                          {r.desc.num_groups, arr.shapes, nullptr},
                          {arr.a, arr.stride_a, arr.b, arr.stride_b},
                          {{}, arr.c, arr.stride_c, arr.d, arr.stride_d},
-                         hw};
+                         hardware_info(r.device, r.sm_count)};
     args.epilogue.thread.alpha = r.alpha;
     args.epilogue.thread.beta = r.beta;
     return args;
 }
 
+// The workspace: CUTLASS's per-group argument arrays, then CUTLASS's own workspace (its tensormaps).
+struct Plan {
+    WorkspacePlan arrays;
+    int shapes, ptrs, stride_a, stride_b, stride_c, stride_d, cutlass;
+};
+
+Plan plan_for(const GroupedRun& r) {
+    const std::size_t groups = std::size_t(r.desc.num_groups);
+    Plan p;
+    p.shapes = p.arrays.add(groups * sizeof(Shape));
+    p.ptrs = p.arrays.add(4 * groups * sizeof(void*));
+    p.stride_a = p.arrays.add(groups * sizeof(StrideA));
+    p.stride_b = p.arrays.add(groups * sizeof(StrideB));
+    p.stride_c = p.arrays.add(groups * sizeof(StrideC));
+    p.stride_d = p.arrays.add(groups * sizeof(StrideD));
+    p.cutlass = p.arrays.add(Gemm::get_workspace_size(make_arguments(r, Arrays{})));
+    return p;
+}
+
+std::size_t workspace_bytes(const GroupedRun& r) {
+    return r.desc.num_groups > 0 ? plan_for(r).arrays.total : 0;
+}
+
 void run_grouped(const GroupedRun& r, const char* name) {
     K2_NVTX_RANGE(name);
+    const Plan plan = plan_for(r);
+    expect_workspace(r.workspace, plan.arrays.total, "grouped_gemm");
+    void* base = r.workspace.data;
     const std::size_t groups = std::size_t(r.desc.num_groups);
-    ScratchPlan plan;
-    const int i_shapes = plan.add(groups * sizeof(Shape)), i_ptrs = plan.add(4 * groups * sizeof(void*));
-    const int i_sa = plan.add(groups * sizeof(StrideA)), i_sb = plan.add(groups * sizeof(StrideB));
-    const int i_sc = plan.add(groups * sizeof(StrideC)), i_sd = plan.add(groups * sizeof(StrideD));
-    const std::size_t arrays_bytes = plan.total;
-    const std::size_t workspace_bytes = Gemm::get_workspace_size(make_arguments(r, Arrays{}));
-
-    char* scratch = nullptr;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&scratch), arrays_bytes + workspace_bytes, r.stream),
-               "cudaMallocAsync");
-    // The pointer arrays, slot j of the i_ptrs block.
-    auto slot = [&](std::size_t j) { return scratch + plan.offset[i_ptrs] + j * groups * sizeof(void*); };
-    const Arrays arrays{reinterpret_cast<Shape*>(scratch + plan.offset[i_shapes]),
-                        reinterpret_cast<const Element**>(slot(0)),
-                        reinterpret_cast<const Element**>(slot(1)),
-                        reinterpret_cast<const Element**>(slot(2)),
-                        reinterpret_cast<Element**>(slot(3)),
-                        reinterpret_cast<StrideA*>(scratch + plan.offset[i_sa]),
-                        reinterpret_cast<StrideB*>(scratch + plan.offset[i_sb]),
-                        reinterpret_cast<StrideC*>(scratch + plan.offset[i_sc]),
-                        reinterpret_cast<StrideD*>(scratch + plan.offset[i_sd])};
+    // The pointer arrays, slot j of the ptrs block.
+    auto slot = [&](std::size_t j) { return plan.arrays.at<char>(base, plan.ptrs) + j * groups * sizeof(void*); };
+    const Arrays arrays{plan.arrays.at<Shape>(base, plan.shapes),     reinterpret_cast<const Element**>(slot(0)),
+                        reinterpret_cast<const Element**>(slot(1)),   reinterpret_cast<const Element**>(slot(2)),
+                        reinterpret_cast<Element**>(slot(3)),         plan.arrays.at<StrideA>(base, plan.stride_a),
+                        plan.arrays.at<StrideB>(base, plan.stride_b), plan.arrays.at<StrideC>(base, plan.stride_c),
+                        plan.arrays.at<StrideD>(base, plan.stride_d)};
     build_arguments<<<unsigned((groups + 127) / 128), 128, 0, r.stream>>>(
         r.desc, static_cast<const Element*>(r.a), static_cast<const Element*>(r.b),
         static_cast<const Element*>(r.c ? r.c : r.d), static_cast<Element*>(r.d), arrays);
@@ -108,9 +138,8 @@ void run_grouped(const GroupedRun& r, const char* name) {
     const Gemm::Arguments args = make_arguments(r, arrays);
     Gemm gemm;
     check_cutlass(gemm.can_implement(args), "can_implement");
-    check_cutlass(gemm.initialize(args, scratch + arrays_bytes, r.stream), "initialize");
+    check_cutlass(gemm.initialize(args, plan.arrays.at<char>(base, plan.cutlass), r.stream), "initialize");
     check_cutlass(gemm.run(r.stream), "run");
-    check_cuda(cudaFreeAsync(scratch, r.stream), "cudaFreeAsync");
 }
 
 }  // namespace

@@ -11,4 +11,8 @@ void run_sm90_bf16_row_col(const GroupedRun& r) {
     run_grouped(r, "k2::grouped_gemm[sm90 bf16 row_col]");
 }
 
+std::size_t workspace_sm90_bf16_row_col(const GroupedRun& r) {
+    return workspace_bytes(r);
+}
+
 }  // namespace k2::gemm

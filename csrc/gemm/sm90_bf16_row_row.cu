@@ -11,4 +11,8 @@ void run_sm90_bf16_row_row(const GroupedRun& r) {
     run_grouped(r, "k2::grouped_gemm[sm90 bf16 row_row]");
 }
 
+std::size_t workspace_sm90_bf16_row_row(const GroupedRun& r) {
+    return workspace_bytes(r);
+}
+
 }  // namespace k2::gemm

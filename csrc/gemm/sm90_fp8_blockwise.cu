@@ -5,6 +5,8 @@
 // tensors are K-major, exactly the layouts k2's quantize_1x128 / 128x128 produce: x_scale [T, ceil(K/128)] and
 // w_scale [E, ceil(N/128), ceil(K/128)]. Compiled for sm_90a only.
 #include <cutlass/detail/blockwise_scale_layout.hpp>
+#include <mutex>
+#include <vector>
 
 #include "gemm/sm90_grouped.cuh"
 
@@ -38,7 +40,7 @@ using StrideB = Kernel::InternalStrideB;
 using StrideC = Kernel::InternalStrideC;
 using StrideD = Kernel::InternalStrideD;
 
-// CUTLASS's per-group argument arrays, all in one scratch allocation.
+// CUTLASS's per-group argument arrays, carved from the caller's workspace.
 struct Arrays {
     Shape* shapes;
     const ElementIn** a;
@@ -77,61 +79,89 @@ __global__ void build_arguments(GroupedGemmFp8Params p, Arrays out) {
     out.layout_sfb[e] = ScaleConfig::tile_atom_to_shape_SFB(cute::make_shape(m, n, k, 1));
 }
 
-Gemm::Arguments make_arguments(int groups, int device, int sm_count, const Arrays& arr) {
+// The persistent scheduler's hardware description; see sm90_bf16_grouped.inl's hardware_info.
+cutlass::KernelHardwareInfo hardware_info(int device, int sm_count) {
+    static std::mutex mutex;
+    static std::vector<int> clusters_per_device;
+    std::lock_guard<std::mutex> lock(mutex);
+    if (device >= int(clusters_per_device.size())) clusters_per_device.resize(device + 1, 0);
+    int& clusters = clusters_per_device[device];
+    if (clusters == 0) clusters = max_active_clusters<Kernel>();
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = sm_count;
+    hw.max_active_clusters = clusters;
+    return hw;
+}
+
+Gemm::Arguments make_arguments(int groups, int device, int sm_count, const Arrays& arr) {
     Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
                          {groups, arr.shapes, nullptr},
                          {arr.a, arr.stride_a, arr.b, arr.stride_b, arr.sfa, arr.layout_sfa, arr.sfb, arr.layout_sfb},
                          {{}, arr.c, arr.stride_c, arr.d, arr.stride_d},
-                         hw};
+                         hardware_info(device, sm_count)};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     return args;
 }
 
+// The workspace: CUTLASS's per-group argument arrays, then CUTLASS's own workspace (its tensormaps).
+struct Plan {
+    WorkspacePlan arrays;
+    int shapes, ptrs, stride_a, stride_b, stride_c, stride_d, layout_sfa, layout_sfb, cutlass;
+};
+
+Plan plan_for(int groups, int device, int sm_count) {
+    const std::size_t n = std::size_t(groups);
+    Plan p;
+    p.shapes = p.arrays.add(n * sizeof(Shape));
+    p.ptrs = p.arrays.add(6 * n * sizeof(void*));
+    p.stride_a = p.arrays.add(n * sizeof(StrideA));
+    p.stride_b = p.arrays.add(n * sizeof(StrideB));
+    p.stride_c = p.arrays.add(n * sizeof(StrideC));
+    p.stride_d = p.arrays.add(n * sizeof(StrideD));
+    p.layout_sfa = p.arrays.add(n * sizeof(LayoutSFA));
+    p.layout_sfb = p.arrays.add(n * sizeof(LayoutSFB));
+    p.cutlass = p.arrays.add(Gemm::get_workspace_size(make_arguments(groups, device, sm_count, Arrays{})));
+    return p;
+}
+
 }  // namespace
+
+std::size_t workspace_sm90_fp8_blockwise(int num_groups, int device, int sm_count) {
+    return num_groups > 0 ? plan_for(num_groups, device, sm_count).arrays.total : 0;
+}
 
 void run_sm90_fp8_blockwise(const GroupedGemmFp8Params& p, int device, int sm_count, cudaStream_t stream) {
     K2_NVTX_RANGE("k2::grouped_gemm_fp8[sm90 blockwise]");
     const int groups = p.num_groups;
     const std::size_t n = std::size_t(groups);
-    ScratchPlan plan;
-    const int i_shapes = plan.add(n * sizeof(Shape)), i_ptrs = plan.add(6 * n * sizeof(void*));
-    const int i_sa = plan.add(n * sizeof(StrideA)), i_sb = plan.add(n * sizeof(StrideB));
-    const int i_sc = plan.add(n * sizeof(StrideC)), i_sd = plan.add(n * sizeof(StrideD));
-    const int i_lsfa = plan.add(n * sizeof(LayoutSFA)), i_lsfb = plan.add(n * sizeof(LayoutSFB));
-    const std::size_t arrays_bytes = plan.total;
-    const std::size_t workspace_bytes = Gemm::get_workspace_size(make_arguments(groups, device, sm_count, Arrays{}));
-
-    char* scratch = nullptr;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&scratch), arrays_bytes + workspace_bytes, stream),
-               "cudaMallocAsync");
-    // The pointer arrays, slot j of the i_ptrs block.
-    auto slot = [&](std::size_t j) { return scratch + plan.offset[i_ptrs] + j * n * sizeof(void*); };
-    const Arrays arrays{reinterpret_cast<Shape*>(scratch + plan.offset[i_shapes]),
+    const Plan plan = plan_for(groups, device, sm_count);
+    expect_workspace(p.workspace, plan.arrays.total, "grouped_gemm_fp8");
+    void* base = p.workspace.data;
+    // The pointer arrays, slot j of the ptrs block.
+    auto slot = [&](std::size_t j) { return plan.arrays.at<char>(base, plan.ptrs) + j * n * sizeof(void*); };
+    const Arrays arrays{plan.arrays.at<Shape>(base, plan.shapes),
                         reinterpret_cast<const ElementIn**>(slot(0)),
                         reinterpret_cast<const ElementIn**>(slot(1)),
                         reinterpret_cast<const Element**>(slot(2)),
                         reinterpret_cast<Element**>(slot(3)),
-                        reinterpret_cast<StrideA*>(scratch + plan.offset[i_sa]),
-                        reinterpret_cast<StrideB*>(scratch + plan.offset[i_sb]),
-                        reinterpret_cast<StrideC*>(scratch + plan.offset[i_sc]),
-                        reinterpret_cast<StrideD*>(scratch + plan.offset[i_sd]),
+                        plan.arrays.at<StrideA>(base, plan.stride_a),
+                        plan.arrays.at<StrideB>(base, plan.stride_b),
+                        plan.arrays.at<StrideC>(base, plan.stride_c),
+                        plan.arrays.at<StrideD>(base, plan.stride_d),
                         reinterpret_cast<const float**>(slot(4)),
                         reinterpret_cast<const float**>(slot(5)),
-                        reinterpret_cast<LayoutSFA*>(scratch + plan.offset[i_lsfa]),
-                        reinterpret_cast<LayoutSFB*>(scratch + plan.offset[i_lsfb])};
+                        plan.arrays.at<LayoutSFA>(base, plan.layout_sfa),
+                        plan.arrays.at<LayoutSFB>(base, plan.layout_sfb)};
     build_arguments<<<unsigned((n + 127) / 128), 128, 0, stream>>>(p, arrays);
     check_cuda(cudaGetLastError(), "build_arguments launch");
 
     const Gemm::Arguments args = make_arguments(groups, device, sm_count, arrays);
     Gemm gemm;
     check_cutlass(gemm.can_implement(args), "can_implement");
-    check_cutlass(gemm.initialize(args, scratch + arrays_bytes, stream), "initialize");
+    check_cutlass(gemm.initialize(args, plan.arrays.at<char>(base, plan.cutlass), stream), "initialize");
     check_cutlass(gemm.run(stream), "run");
-    check_cuda(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
 }
 
 }  // namespace k2::gemm

@@ -4,7 +4,9 @@
 // __global__ function: nvcc's generated host stubs mis-parse such dependent CUTLASS types under gcc.
 #pragma once
 
+#include <cuda_runtime.h>
 #include <cutlass/cutlass.h>
+#include <cutlass/device_kernel.h>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 
 #include <cute/tensor.hpp>
@@ -30,6 +32,34 @@ __device__ __forceinline__ S stride_with_ld(int64_t ld) {
         cute::get<0>(s) = ld;
     }
     return s;
+}
+
+// How many clusters of Kernel can be resident at once on the current device, counting the dynamic shared memory
+// it launches with (cudaOccupancyMaxActiveClusters). The persistent tile scheduler sizes its grid from this
+// (KernelHardwareInfo::max_active_clusters) instead of assuming that sm_count / cluster_size clusters fit, which
+// fails when GPCs hold SM counts that are no multiple of the cluster size or other work occupies SMs.
+template <class Kernel>
+int max_active_clusters() {
+    const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<Kernel>);
+    constexpr int kSmem = Kernel::SharedStorageSize;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute");
+    using Cluster = typename Kernel::ClusterShape;
+    const dim3 cluster(cute::size<0>(Cluster{}), cute::size<1>(Cluster{}), cute::size<2>(Cluster{}));
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster.x, attribute.val.clusterDim.y = cluster.y;
+    attribute.val.clusterDim.z = cluster.z;
+    cudaLaunchConfig_t config{};
+    config.gridDim = cluster;  // one cluster: the grid must be a multiple of the cluster shape
+    config.blockDim = dim3(Kernel::MaxThreadsPerBlock, 1, 1);
+    config.dynamicSmemBytes = kSmem;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config), "cudaOccupancyMaxActiveClusters");
+    if (clusters <= 0) fail_cutlass("cluster occupancy", "no cluster of this kernel fits on the device");
+    return clusters;
 }
 
 // Throws unless a CUTLASS call succeeded.

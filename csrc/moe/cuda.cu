@@ -6,7 +6,8 @@
 // no atomics). The row gather then copies x[row_map[i] / K] into row i.
 // unpermute: inverse permutation, then one block per token sums its K rows in fp32 (deterministic).
 // backward: one block per sorted row writes dy_sorted[i] and reduces the dot product for dweights.
-// Scratch memory comes from the stream-ordered allocator (cudaMallocAsync) on the caller's stream.
+// Scratch memory is the caller's workspace (moe.h: permute_workspace, unpermute_workspace_size); nothing is allocated
+// here. Empty work (no token copies) is finished on the host, never launched as an empty grid.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -132,36 +133,40 @@ __global__ void unpermute_backward_rows(const Data* dy, const Data* y_sorted, co
     }
 }
 
-int end_bit_for(int64_t num_experts) {
-    int bits = 1;
-    while ((int64_t(1) << bits) < num_experts) ++bits;
-    return bits;
+// CUB's temporary storage for sorting n int32 key/value pairs on the current device.
+std::size_t radix_sort_bytes(int64_t n, int64_t num_experts) {
+    std::size_t bytes = 0;
+    check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, bytes, (const int32_t*)nullptr, (int32_t*)nullptr,
+                                               (const int32_t*)nullptr, (int32_t*)nullptr, n, 0,
+                                               expert_id_bits(num_experts), cudaStream_t{}),
+               "radix sort size");
+    return bytes;
 }
 
 }  // namespace
+
+std::size_t permute_workspace_size(int64_t num_tokens, int64_t top_k, int64_t num_experts, int device) {
+    const int64_t n = num_tokens * top_k;
+    if (n == 0) return 0;
+    cu::ScopedDevice scope(device);
+    return permute_workspace(n, radix_sort_bytes(n, num_experts)).plan.total;
+}
 
 void permute_cuda(const PermuteParams& p, void* stream_handle) {
     K2_NVTX_RANGE("k2::moe_permute");
     auto stream = static_cast<cudaStream_t>(stream_handle);
     const int64_t n = p.num_tokens * p.top_k;
-    if (n == 0) {
-        check_cuda(cudaMemsetAsync(p.offsets, 0, sizeof(int32_t) * p.num_experts, stream), "memset offsets");
+    if (n == 0) {  // no copies (T = 0 or top_k = 0): every expert is empty
+        if (p.num_experts > 0)
+            check_cuda(cudaMemsetAsync(p.offsets, 0, sizeof(int32_t) * p.num_experts, stream), "memset offsets");
         return;
     }
-    // Scratch: keys in/out and values in (int32 each), then CUB's temporary storage.
-    size_t cub_bytes = 0;
-    check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, (const int32_t*)nullptr, (int32_t*)nullptr,
-                                               (const int32_t*)nullptr, (int32_t*)nullptr, n, 0,
-                                               end_bit_for(p.num_experts), stream),
-               "radix sort size");
-    const size_t array_bytes = (sizeof(int32_t) * n + 255) / 256 * 256;
-    char* scratch = nullptr;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&scratch), 3 * array_bytes + cub_bytes, stream),
-               "cudaMallocAsync");
-    auto* keys_in = reinterpret_cast<int32_t*>(scratch);
-    auto* keys_out = reinterpret_cast<int32_t*>(scratch + array_bytes);
-    auto* values_in = reinterpret_cast<int32_t*>(scratch + 2 * array_bytes);
-    void* cub_scratch = scratch + 3 * array_bytes;
+    const PermuteWorkspace w = permute_workspace(n, radix_sort_bytes(n, p.num_experts));
+    expect_workspace(p.workspace, w.plan.total, "moe_permute");
+    auto* keys_in = w.plan.at<int32_t>(p.workspace.data, w.keys_in);
+    auto* keys_out = w.plan.at<int32_t>(p.workspace.data, w.keys_out);
+    auto* values_in = w.plan.at<int32_t>(p.workspace.data, w.values_in);
+    std::size_t cub_bytes = w.plan.total - w.plan.offset[w.cub];
 
     if (p.ids_int64) {
         make_keys<<<grid_for(n, kThreads), kThreads, 0, stream>>>(static_cast<const int64_t*>(p.topk_ids), keys_in,
@@ -170,12 +175,12 @@ void permute_cuda(const PermuteParams& p, void* stream_handle) {
         make_keys<<<grid_for(n, kThreads), kThreads, 0, stream>>>(static_cast<const int32_t*>(p.topk_ids), keys_in,
                                                                   values_in, n);
     }
-    check_cuda(cub::DeviceRadixSort::SortPairs(cub_scratch, cub_bytes, keys_in, keys_out, values_in, p.row_map, n, 0,
-                                               end_bit_for(p.num_experts), stream),
+    check_cuda(cub::DeviceRadixSort::SortPairs(w.plan.at<char>(p.workspace.data, w.cub), cub_bytes, keys_in, keys_out,
+                                               values_in, p.row_map, n, 0, expert_id_bits(p.num_experts), stream),
                "radix sort");
-    expert_ends<<<grid_for(p.num_experts, kThreads), kThreads, 0, stream>>>(keys_out, n, p.offsets, p.num_experts);
+    if (p.num_experts > 0)
+        expert_ends<<<grid_for(p.num_experts, kThreads), kThreads, 0, stream>>>(keys_out, n, p.offsets, p.num_experts);
     if (p.hidden > 0) launch_gather(p, n, stream);
-    check_cuda(cudaFreeAsync(scratch, stream), "cudaFreeAsync");
     check_cuda(cudaGetLastError(), "moe_permute launch");
 }
 
@@ -184,8 +189,12 @@ void unpermute_cuda(const UnpermuteParams& p, void* stream_handle) {
     auto stream = static_cast<cudaStream_t>(stream_handle);
     const int64_t n = p.num_tokens * p.top_k;
     if (p.num_tokens == 0 || p.hidden == 0) return;
-    int32_t* inverse = nullptr;
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&inverse), sizeof(int32_t) * n, stream), "cudaMallocAsync");
+    if (n == 0) {  // top_k = 0: every token sums no expert output
+        const int64_t elem = p.dtype == DType::Float32 ? 4 : 2;
+        return check_cuda(cudaMemsetAsync(p.y, 0, p.num_tokens * p.hidden * elem, stream), "memset");
+    }
+    expect_workspace(p.workspace, unpermute_workspace_size(p.num_tokens, p.top_k), "moe_unpermute");
+    auto* inverse = static_cast<int32_t*>(p.workspace.data);
     invert_permutation<<<grid_for(n, kThreads), kThreads, 0, stream>>>(p.row_map, inverse, n);
     const unsigned blocks = unsigned(std::min<int64_t>(p.num_tokens, 65535 * 8));
     cu::dispatch_float(p.dtype, "moe", [&](auto data_tag) {
@@ -197,7 +206,6 @@ void unpermute_cuda(const UnpermuteParams& p, void* stream_handle) {
                                                           static_cast<Data*>(p.y), p.num_tokens, p.top_k, p.hidden);
         });
     });
-    check_cuda(cudaFreeAsync(inverse, stream), "cudaFreeAsync");
     check_cuda(cudaGetLastError(), "moe_unpermute launch");
 }
 

@@ -89,7 +89,8 @@ int64_t batch_of(const TensorView& t) {
 void quantize_1x128(const py::handle& x_obj, const py::handle& q_obj, const py::handle& scale_obj, bool pow2_scale,
                     uintptr_t stream) {
     const char* op = "quantize_1x128";
-    PyTensor x = to_view(x_obj, op, "x"), q = to_view(q_obj, op, "q"), scale = to_view(scale_obj, op, "scale");
+    PyTensor x = to_view(x_obj, op, "x", stream), q = to_view(q_obj, op, "q", stream),
+             scale = to_view(scale_obj, op, "scale", stream);
     expect_dtype(x.view, op, "x", kFloatTypes);
     expect_runnable(x.view, op, "x");
     const quant::RowLayout rows = row_layout(x.view, op, "x");
@@ -111,7 +112,8 @@ void quantize_1x128(const py::handle& x_obj, const py::handle& q_obj, const py::
 void quantize_1x128_transposed(const py::handle& x_obj, const py::handle& q_obj, const py::handle& scale_obj,
                                bool pow2_scale, uintptr_t stream) {
     const char* op = "quantize_1x128_transposed";
-    PyTensor x = to_view(x_obj, op, "x"), q = to_view(q_obj, op, "q"), scale = to_view(scale_obj, op, "scale");
+    PyTensor x = to_view(x_obj, op, "x", stream), q = to_view(q_obj, op, "q", stream),
+             scale = to_view(scale_obj, op, "scale", stream);
     expect_dtype(x.view, op, "x", kFloatTypes);
     expect_runnable(x.view, op, "x");
     K2_CHECK_ARG(x.view.ndim() >= 2, op, "x", "expected at least 2 dims [..., M, K], got ", x.view.describe());
@@ -135,7 +137,8 @@ void quantize_1x128_transposed(const py::handle& x_obj, const py::handle& q_obj,
 
 void quantize_128x128(const py::handle& w_obj, const py::handle& q_obj, const py::handle& scale_obj, uintptr_t stream) {
     const char* op = "quantize_128x128";
-    PyTensor w = to_view(w_obj, op, "w"), q = to_view(q_obj, op, "q"), scale = to_view(scale_obj, op, "scale_inv");
+    PyTensor w = to_view(w_obj, op, "w", stream), q = to_view(q_obj, op, "q", stream),
+             scale = to_view(scale_obj, op, "scale_inv", stream);
     expect_dtype(w.view, op, "w", kFloatTypes);
     expect_runnable(w.view, op, "w");
     K2_CHECK_ARG(w.view.ndim() >= 2, op, "w", "expected at least 2 dims [..., M, K], got ", w.view.describe());
@@ -159,8 +162,8 @@ void quantize_128x128(const py::handle& w_obj, const py::handle& q_obj, const py
 void dequantize_128x128(const py::handle& q_obj, const py::handle& scale_obj, const py::handle& out_obj,
                         uintptr_t stream) {
     const char* op = "dequantize_128x128";
-    PyTensor q = to_view(q_obj, op, "q"), scale = to_view(scale_obj, op, "scale_inv"),
-             out = to_view(out_obj, op, "out");
+    PyTensor q = to_view(q_obj, op, "q", stream), scale = to_view(scale_obj, op, "scale_inv", stream),
+             out = to_view(out_obj, op, "out", stream);
     expect_dtype(q.view, op, "q", kFp8Types);
     expect_runnable(q.view, op, "q");
     K2_CHECK_ARG(q.view.ndim() >= 2, op, "q", "expected at least 2 dims [..., M, K], got ", q.view.describe());
@@ -189,7 +192,7 @@ void dequantize_128x128(const py::handle& q_obj, const py::handle& scale_obj, co
 
 void cast_to_fp8(const py::handle& x_obj, const py::handle& out_obj, uintptr_t stream) {
     const char* op = "cast_to_fp8";
-    PyTensor x = to_view(x_obj, op, "x"), out = to_view(out_obj, op, "out");
+    PyTensor x = to_view(x_obj, op, "x", stream), out = to_view(out_obj, op, "out", stream);
     expect_dtype(x.view, op, "x", {DType::Float32});
     expect_contiguous(x.view, op, "x");
     expect_runnable(x.view, op, "x");

@@ -2,16 +2,24 @@
 
 ``k2._C`` is framework-neutral: it never sees a torch object. A tensor crosses as a validated view, the tuple
 ``(data_ptr, shape, strides, dtype_name, device_type, device_index)``; C++ checks it and builds the kernel's
-params struct. Outputs are allocated here, by torch, and passed in the same way (destination passing), so the
-native code never allocates tensor memory. CUDA kernels run on the stream passed as an integer handle.
+params struct. Outputs are allocated by torch in the op and passed in the same way (destination passing), and so
+is every kernel's scratch memory: a uint8 ``workspace`` of the size the op's ``k2._C.<op>_workspace_size`` query
+returns, allocated by :func:`call` through torch's caching allocator. The native code allocates nothing.
+
+:func:`call` is the one place a native kernel is launched from: it makes the tensors' CUDA device current for the
+call (the native code launches on the current device, so a tensor on ``cuda:1`` must not run while ``cuda:0``
+is current) and passes torch's current stream on that device as an integer handle.
 
 Dispatch (architecture §4): CUDA kernel → C++ CPU kernel → ``k2.ops.reference``. ``K2_OPS=reference`` forces
-the reference everywhere; it is read at every call so tests and benchmarks can switch it.
+the reference everywhere; it is read at every call so tests and benchmarks can switch it. Tensors of a dtype no
+native kernel takes (float64, complex) run the reference on every device (:func:`kernel_module`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -44,14 +52,39 @@ def available() -> dict[str, list[str]]:
     return {family: sorted(devices) for family, devices in _KERNELS.items()}
 
 
+# The dtypes that cross the native boundary (csrc/common/dtype.h). Anything else (float64, complex) has no kernel.
+NATIVE_DTYPES = frozenset(
+    {
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
 def has_kernel(family: str, device: torch.device) -> bool:
     """Whether ``family`` has a native kernel for ``device`` that dispatch may use now."""
     return device.type in _KERNELS.get(family, ()) and not forced_reference()
 
 
-def kernel_module(family: str, device: torch.device) -> ModuleType | None:
-    """``k2._C`` when dispatch should run ``family``'s native kernel for ``device`` now, else None (reference)."""
-    return _native_module if has_kernel(family, device) else None
+def kernel_module(family: str, device: torch.device, *dtypes: torch.Tensor | torch.dtype) -> ModuleType | None:
+    """``k2._C`` when dispatch should run ``family``'s native kernel for ``device`` now, else None (reference).
+
+    ``dtypes`` (tensors or dtypes) are the call's operands and result types: if any is a dtype the native kernels
+    do not take (float64, complex), the call runs the reference — on CPU and CUDA alike — instead of failing in
+    the native argument checks."""
+    if not has_kernel(family, device):
+        return None
+    for d in dtypes:
+        if (d.dtype if isinstance(d, torch.Tensor) else d) not in NATIVE_DTYPES:
+            return None
+    return _native_module
 
 
 def view(t: torch.Tensor) -> View:
@@ -71,3 +104,27 @@ def stream(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device for a native call (nothing to do for CPU work)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def call(fn: str, device: torch.device, *args: object, workspace: tuple[str, Sequence[object]] | None = None) -> None:
+    """Runs ``k2._C.<fn>(*args[, workspace], stream)`` for work on ``device``; every native kernel launches here.
+
+    Tensors in ``args`` are passed as :func:`view` tuples. The call runs with ``device`` current (CUDA) and gets
+    torch's current stream on it. ``workspace=(query, sizes)`` asks ``k2._C.<query>(*sizes, device_type,
+    device_index)`` for the kernel's scratch bytes, allocates them here as a uint8 tensor through torch's caching
+    allocator (stream-ordered, freed when the call returns even if it raises) and passes it before the stream.
+    """
+    mod = _native_module
+    with device_guard(device):
+        if workspace is not None:
+            query, sizes = workspace
+            nbytes = getattr(mod, query)(*sizes, device.type, device.index or 0)
+            args = (*args, torch.empty(nbytes, dtype=torch.uint8, device=device))
+        getattr(mod, fn)(*(view(a) if isinstance(a, torch.Tensor) else a for a in args), stream(device))

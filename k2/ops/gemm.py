@@ -11,9 +11,11 @@ With ``out=`` the product is written into a caller's buffer (``k2::grouped_gemm_
 with torch's ``out=`` ops, that form does not record autograd.
 
 Dispatch (``k2.ops`` pattern): CUDA kernel → C++ CPU kernel → ``k2.ops.reference`` (``torch._grouped_mm`` where it
-runs, a per-group loop otherwise). A native kernel is called as
-``k2._C.grouped_gemm(x, w, offsets, out, trans_w, stream)`` and ``k2._C.grouped_gemm_wgrad(x, dy, offsets, out,
-trans_w, stream)`` with ``k2.ops._native.view`` tuples and a preallocated ``out``.
+runs, a per-group loop otherwise; also for float64). A native kernel is called through ``k2.ops._native.call`` as
+``k2._C.grouped_gemm(x, w, offsets, out, trans_w, workspace, stream)`` and ``k2._C.grouped_gemm_wgrad(x, dy,
+offsets, out, trans_w, workspace, stream)`` with view tuples, a preallocated ``out`` and a workspace of
+``k2._C.grouped_gemm_workspace_size(dtype, E, device_type, device)`` bytes (CUTLASS's per-group argument arrays).
+With no groups (``E = 0``) no row belongs to any group and the product is zero.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ def _check(op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tra
         )
 
 
+def _native_grouped_gemm(
+    fn: str, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, trans_w: bool, out: torch.Tensor
+) -> None:
+    """``k2._C.<fn>(a, b, offsets, out, trans_w)`` with its workspace, on ``a``'s device."""
+    a, b, offsets = a.contiguous(), b.contiguous(), offsets.contiguous()
+    sizes = (str(a.dtype).removeprefix("torch."), offsets.shape[0])
+    _native.call(fn, a.device, a, b, offsets, out, trans_w, workspace=("grouped_gemm_workspace_size", sizes))
+
+
 @torch.library.custom_op("k2::grouped_gemm", mutates_args=())
 def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> torch.Tensor:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, x.device, x, w) is None:
         return reference.grouped_gemm(x, w, offsets, trans_w)
-    x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
     out = x.new_empty(x.shape[0], w.shape[1] if trans_w else w.shape[2])
-    v = _native.view
-    mod.grouped_gemm(v(x), v(w), v(offsets), v(out), trans_w, _native.stream(x.device))
+    _native_grouped_gemm("grouped_gemm", x, w, offsets, trans_w, out)
     return out
 
 
@@ -65,14 +73,11 @@ def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) ->
 
 @torch.library.custom_op("k2::grouped_gemm_wgrad", mutates_args=())
 def _grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> torch.Tensor:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, x.device, x, dy) is None:
         return reference.grouped_gemm_wgrad(x, dy, offsets, trans_w)
-    x, dy, offsets = x.contiguous(), dy.contiguous(), offsets.contiguous()
     shape = (offsets.shape[0], dy.shape[1], x.shape[1]) if trans_w else (offsets.shape[0], x.shape[1], dy.shape[1])
     out = x.new_empty(shape)
-    v = _native.view
-    mod.grouped_gemm_wgrad(v(x), v(dy), v(offsets), v(out), trans_w, _native.stream(x.device))
+    _native_grouped_gemm("grouped_gemm_wgrad", x, dy, offsets, trans_w, out)
     return out
 
 
@@ -88,13 +93,11 @@ def _(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -
 def _grouped_gemm_out(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool, out: torch.Tensor
 ) -> None:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None or not out.is_contiguous():  # the kernels write a dense [T, N]; any other layout gets a copy
+    # The kernels write a dense [T, N]; any other layout gets a copy.
+    if _native.kernel_module(_FAMILY, x.device, x, w) is None or not out.is_contiguous():
         out.copy_(_grouped_gemm(x, w, offsets, trans_w))
         return
-    x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
-    v = _native.view
-    mod.grouped_gemm(v(x), v(w), v(offsets), v(out), trans_w, _native.stream(x.device))
+    _native_grouped_gemm("grouped_gemm", x, w, offsets, trans_w, out)
 
 
 @_grouped_gemm_out.register_fake

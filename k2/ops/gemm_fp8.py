@@ -9,7 +9,8 @@ one fp32 scale per 1x128 block (``x_scale [T, ceil(K/128)]``, as :func:`k2.ops.q
 Dispatch: on an sm_90 GPU with the sm_90a kernels built, ``k2._C.grouped_gemm_fp8`` (CUTLASS blockwise-scaled
 grouped GEMM: the scales multiply each 128-wide K block's fp32 partial sums, operands are never dequantised;
 needs K % 16 == 0 and N % 8 == 0); everywhere else ``k2.ops.reference.grouped_gemm_fp8`` (dequantise, then a
-grouped GEMM in fp32).
+grouped GEMM in fp32). The CUTLASS kernel's per-group argument arrays live in a workspace of
+``k2._C.grouped_gemm_fp8_workspace_size(E, ...)`` bytes allocated by torch.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ _FAMILY = "gemm"
 def _native_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type != "cuda" or not _native.has_kernel(_FAMILY, x.device):
         return False
-    mod = _native.native()
-    return bool(mod.grouped_gemm_fp8_supported(x.device.index or 0)) and x.shape[1] % 16 == 0 and w.shape[1] % 8 == 0
+    supported = _native.native().grouped_gemm_fp8_supported(x.device.index or 0)
+    return bool(supported) and x.shape[1] % 16 == 0 and w.shape[1] % 8 == 0
 
 
 @torch.library.custom_op("k2::grouped_gemm_fp8", mutates_args=())
@@ -36,10 +37,8 @@ def _grouped_gemm_fp8(
         return reference.grouped_gemm_fp8(x, x_scale, w, w_scale, offsets)
     x, x_scale, w, w_scale = x.contiguous(), x_scale.contiguous(), w.contiguous(), w_scale.contiguous()
     out = torch.empty(x.shape[0], w.shape[1], dtype=torch.bfloat16, device=x.device)
-    v = _native.view
-    _native.native().grouped_gemm_fp8(
-        v(x), v(x_scale), v(w), v(w_scale), v(offsets.contiguous()), v(out), _native.stream(x.device)
-    )
+    workspace = ("grouped_gemm_fp8_workspace_size", (w.shape[0],))
+    _native.call("grouped_gemm_fp8", x.device, x, x_scale, w, w_scale, offsets.contiguous(), out, workspace=workspace)
     return out
 
 

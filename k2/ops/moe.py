@@ -8,9 +8,10 @@ sorted row ``i`` (stable sort by expert) and ``offsets`` are the cumulative row 
 
 Autograd: the backward of ``moe_permute`` is ``moe_unpermute`` with unit weights (each token's K copies sum
 back); the backward of ``moe_unpermute`` is ``k2::moe_unpermute_backward``. All go through the same dispatch:
-CUDA kernel → C++ CPU kernel → ``k2.ops.reference``. Native calls (views from ``k2.ops._native.view``,
-preallocated outputs): ``k2._C.moe_permute(x, topk_ids, x_sorted, row_map, offsets, stream)``,
-``k2._C.moe_unpermute(y_sorted, row_map, topk_weights, y, stream)`` and
+CUDA kernel → C++ CPU kernel → ``k2.ops.reference`` (also for float64). Native calls (through
+``k2.ops._native.call``: view tuples, preallocated outputs, a workspace sized by ``k2._C.<op>_workspace_size``, which
+is empty on CPU): ``k2._C.moe_permute(x, topk_ids, x_sorted, row_map, offsets, workspace, stream)``,
+``k2._C.moe_unpermute(y_sorted, row_map, topk_weights, y, workspace, stream)`` and
 ``k2._C.moe_unpermute_backward(dy, y_sorted, row_map, topk_weights, dy_sorted, dweights, stream)``.
 """
 
@@ -30,16 +31,24 @@ _FAMILY = "moe"
 def _moe_permute(
     x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, x.device, x, topk_ids) is None:
         return reference.moe_permute(x, topk_ids, num_experts)
     x, topk_ids = x.contiguous(), topk_ids.contiguous()
     n = topk_ids.numel()
     x_sorted = x.new_empty(n, x.shape[1])
     row_map = torch.empty(n, dtype=torch.int32, device=x.device)
     offsets = torch.empty(num_experts, dtype=torch.int32, device=x.device)
-    v = _native.view
-    mod.moe_permute(v(x), v(topk_ids), v(x_sorted), v(row_map), v(offsets), _native.stream(x.device))
+    sizes = (topk_ids.shape[0], topk_ids.shape[1], num_experts)
+    _native.call(
+        "moe_permute",
+        x.device,
+        x,
+        topk_ids,
+        x_sorted,
+        row_map,
+        offsets,
+        workspace=("moe_permute_workspace_size", sizes),
+    )
     return x_sorted, row_map, offsets
 
 
@@ -100,13 +109,14 @@ def moe_permute(
 
 @torch.library.custom_op("k2::moe_unpermute", mutates_args=())
 def _moe_unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    mod = _native.kernel_module(_FAMILY, y_sorted.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, y_sorted.device, y_sorted, topk_weights) is None:
         return reference.moe_unpermute(y_sorted, row_map, topk_weights)
     y_sorted, topk_weights = y_sorted.contiguous(), topk_weights.contiguous()
     y = y_sorted.new_empty(topk_weights.shape[0], y_sorted.shape[1])
-    v = _native.view
-    mod.moe_unpermute(v(y_sorted), v(row_map), v(topk_weights), v(y), _native.stream(y.device))
+    sizes = tuple(topk_weights.shape)
+    _native.call(
+        "moe_unpermute", y.device, y_sorted, row_map, topk_weights, y, workspace=("moe_unpermute_workspace_size", sizes)
+    )
     return y
 
 
@@ -119,15 +129,11 @@ def _(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor)
 def _moe_unpermute_backward(
     dy: torch.Tensor, y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native.kernel_module(_FAMILY, dy.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, dy.device, dy, y_sorted, topk_weights) is None:
         return reference.moe_unpermute_backward(dy, y_sorted, row_map, topk_weights)
     dy, y_sorted, topk_weights = dy.contiguous(), y_sorted.contiguous(), topk_weights.contiguous()
     dy_sorted, dweights = torch.empty_like(y_sorted), torch.empty_like(topk_weights)
-    v = _native.view
-    mod.moe_unpermute_backward(
-        v(dy), v(y_sorted), v(row_map), v(topk_weights), v(dy_sorted), v(dweights), _native.stream(dy.device)
-    )
+    _native.call("moe_unpermute_backward", dy.device, dy, y_sorted, row_map, topk_weights, dy_sorted, dweights)
     return dy_sorted, dweights
 
 

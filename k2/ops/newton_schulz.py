@@ -12,12 +12,14 @@ matrix ``XXᵀ`` is ``min(m, n)`` square, the Frobenius norm is clamped below at
 bf16 operands, fp32 accumulation and a bf16 result. All leading dimensions are a batch: an expert stack
 ``[E, F, D]`` gets E independent orthogonalisations in one batched GEMM per product.
 
-Dispatch: CUDA kernel (``k2._C.newton_schulz``, family ``optim``; a later issue) → C++ CPU kernel (none: on CPU
-the GEMMs are the whole cost and torch's MKL/oneDNN GEMMs are already at the machine's peak, so a hand-written
-kernel could not beat them) → on a CPU without native bf16 GEMMs (no AVX512-BF16/AMX), bf16 emulated with fp32
-GEMMs: operands hold bf16 values and every product is rounded to bf16, so the arithmetic is bf16 arithmetic up to
-the fp32 summation order, ~100× faster than torch's generic bf16 CPU GEMM there (``tools/bench_optim.py``)
-→ ``k2.ops.reference.newton_schulz`` (torch-exact bf16). ``K2_OPS=reference`` forces the last.
+Dispatch: CUDA kernel (``k2._C.newton_schulz``, family ``optim``: three batched GEMMs per step, its iterates in a
+workspace of ``k2._C.newton_schulz_workspace_size`` bytes that torch allocates; float64 takes the reference) → C++
+CPU kernel (none: on CPU the GEMMs are the whole cost and torch's MKL/oneDNN GEMMs are already at the machine's
+peak, so a hand-written kernel could not beat them) → on a CPU without native bf16 GEMMs (no AVX512-BF16/AMX),
+bf16 emulated with fp32 GEMMs: operands hold bf16 values and every product is rounded to bf16, so the arithmetic is
+bf16 arithmetic up to the fp32 summation order, ~100× faster than torch's generic bf16 CPU GEMM there
+(``tools/bench_optim.py``) → ``k2.ops.reference.newton_schulz`` (torch-exact bf16). ``K2_OPS=reference`` forces
+the last.
 """
 
 from __future__ import annotations
@@ -128,10 +130,14 @@ def _cpu_has_bf16_gemm() -> bool:
 def _newton_schulz(x: torch.Tensor, coefficients: list[float], eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     triples = [tuple(coefficients[i : i + 3]) for i in range(0, len(coefficients), 3)]
     device = x.device
-    if _native.has_kernel(_FAMILY, device):
+    if _native.kernel_module(_FAMILY, device, x, out_dtype) is not None:
         x = x.contiguous()
         out = torch.empty(x.shape, dtype=out_dtype, device=device)
-        _native.native().newton_schulz(_native.view(x), _native.view(out), coefficients, eps, _native.stream(device))
+        m, n = x.shape[-2:]
+        sizes = (x.numel() // (m * n) if m * n else 0, m, n)
+        _native.call(
+            "newton_schulz", device, x, out, coefficients, eps, workspace=("newton_schulz_workspace_size", sizes)
+        )
         return out
     if device.type == "cpu" and not _native.forced_reference() and not _cpu_has_bf16_gemm():
         return _newton_schulz_bf16_emulated(x, triples, eps).to(out_dtype)

@@ -65,14 +65,12 @@ def _check_fp8(op: str, arg: str, dtype: torch.dtype) -> None:
 
 @torch.library.custom_op("k2::quantize_1x128", mutates_args=())
 def _quantize_1x128(x: torch.Tensor, dtype: torch.dtype, pow2_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, x.device) is None:
         return reference.quantize_1x128(x, dtype, pow2_scale)
     x = _unit_last_stride(x)
     q = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty(*x.shape[:-1], _cdiv(x.shape[-1], _GROUP), dtype=torch.float32, device=x.device)
-    v = _native.view
-    mod.quantize_1x128(v(x), v(q), v(scale), pow2_scale, _native.stream(x.device))
+    _native.call("quantize_1x128", x.device, x, q, scale, pow2_scale)
     return q, scale
 
 
@@ -109,15 +107,13 @@ def quantize_1x128(
 def _quantize_1x128_transposed(
     x: torch.Tensor, dtype: torch.dtype, pow2_scale: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native.kernel_module(_FAMILY, x.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, x.device) is None:
         return reference.quantize_1x128_transposed(x, dtype, pow2_scale)
     x = _unit_last_stride(x)
     m, k = x.shape[-2:]
     q = torch.empty(*x.shape[:-2], k, m, dtype=dtype, device=x.device)
     scale = torch.empty(*x.shape[:-2], k, _cdiv(m, _GROUP), dtype=torch.float32, device=x.device)
-    v = _native.view
-    mod.quantize_1x128_transposed(v(x), v(q), v(scale), pow2_scale, _native.stream(x.device))
+    _native.call("quantize_1x128_transposed", x.device, x, q, scale, pow2_scale)
     return q, scale
 
 
@@ -156,15 +152,13 @@ def quantize_1x128_transposed(
 
 @torch.library.custom_op("k2::quantize_128x128", mutates_args=())
 def _quantize_128x128(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    mod = _native.kernel_module(_FAMILY, w.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, w.device) is None:
         return reference.quantize_128x128(w, dtype)
     w = _unit_last_stride(w)
     m, k = w.shape[-2:]
     q = torch.empty(w.shape, dtype=dtype, device=w.device)
     scale_inv = torch.empty(*w.shape[:-2], _cdiv(m, _GROUP), _cdiv(k, _GROUP), dtype=torch.float32, device=w.device)
-    v = _native.view
-    mod.quantize_128x128(v(w), v(q), v(scale_inv), _native.stream(w.device))
+    _native.call("quantize_128x128", w.device, w, q, scale_inv)
     return q, scale_inv
 
 
@@ -194,13 +188,11 @@ def quantize_128x128(w: torch.Tensor, *, dtype: torch.dtype = torch.float8_e4m3f
 
 @torch.library.custom_op("k2::dequantize_128x128", mutates_args=())
 def _dequantize_128x128(q: torch.Tensor, scale_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    mod = _native.kernel_module(_FAMILY, q.device)
-    if mod is None:
+    if _native.kernel_module(_FAMILY, q.device) is None:
         return reference.dequantize_128x128(q, scale_inv, out_dtype)
     q, scale_inv = _unit_last_stride(q), scale_inv.contiguous()
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    v = _native.view
-    mod.dequantize_128x128(v(q), v(scale_inv), v(out), _native.stream(q.device))
+    _native.call("dequantize_128x128", q.device, q, scale_inv, out)
     return out
 
 

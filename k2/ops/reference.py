@@ -102,10 +102,13 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_
 
     ``x [T, K]``; ``w [E, K, N]`` (``W_e = w[e]``) or, with ``trans_w``, ``[E, N, K]`` (``W_e = w[e].T``, the
     ``nn.Linear`` layout); ``offsets [E]`` int32 cumulative row ends: group e owns rows
-    ``offsets[e-1]:offsets[e]``, empty groups are allowed and ``offsets[-1]`` must equal ``T``.
+    ``offsets[e-1]:offsets[e]``, empty groups are allowed and ``offsets[-1]`` must equal ``T``. With no groups
+    (``E = 0``) no row belongs to any group and the result is zero.
     One ``torch._grouped_mm`` call where it runs (offsets stay on the device), else a per-group loop.
     """
     w_kn = w.transpose(1, 2) if trans_w else w  # [E, K, N]
+    if w.shape[0] == 0:
+        return x.new_zeros(x.shape[0], w_kn.shape[2])
     if _grouped_mm_runs(x, w_kn):
         return torch._grouped_mm(x, w_kn, offs=offsets)
     out = x.new_zeros(x.shape[0], w_kn.shape[2])
@@ -121,6 +124,8 @@ def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
     ``x [T, K]``, ``dy [T, N]`` → ``[E, K, N]``, or ``[E, N, K]`` with ``trans_w``; an empty group gets zeros.
     """
     a, b = (dy, x) if trans_w else (x, dy)  # dW_e = a_e^T b_e, directly in the requested layout
+    if offsets.shape[0] == 0:
+        return x.new_zeros(0, a.shape[1], b.shape[1])
     if _grouped_mm_runs(a, b):
         return torch._grouped_mm(a.t(), b, offs=offsets)
     dw = x.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
