@@ -1,7 +1,7 @@
 """The k2.ops behaviours an audit of never-run CUDA code asked for (issue 19), tested on their host side on CPU and
-on a GPU where there is one: the device guard around every native call, caller-allocated workspaces sized by
-native queries, empty launches handled on the host, and float64 inputs falling back to the reference instead of
-failing in the native checks."""
+on a GPU where there is one: autocast rules for the matmul-like ops, the device guard around every native call,
+caller-allocated workspaces sized by native queries, empty launches handled on the host, and float64 inputs
+falling back to the reference instead of failing in the native checks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 
+from k2.model.moe import Experts
 from k2.ops import _native, grouped_gemm, moe_permute, moe_unpermute, newton_schulz, reference
 
 C = _native.native()
@@ -20,6 +21,90 @@ needs_cuda_build = pytest.mark.skipif(C is None or not C.build_info()["cuda"], r
 
 def _offsets(counts: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+
+
+@pytest.fixture
+def spy_reference_gemm(monkeypatch):
+    """Records the dtypes each reference grouped GEMM (the CPU path) is called with."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    original = reference.grouped_gemm
+
+    def spy(x, w, offsets, trans_w=False):
+        seen.append((x.dtype, w.dtype))
+        return original(x, w, offsets, trans_w)
+
+    monkeypatch.setattr(reference, "grouped_gemm", spy)
+    return seen
+
+
+# ---- autocast ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_gemm_under_autocast_runs_in_the_autocast_dtype(dtype, spy_reference_gemm):
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(4, 8, 16, requires_grad=True)  # fp32 parameters, nn.Linear layout
+    with torch.autocast("cpu", dtype=dtype):
+        y = grouped_gemm(x, w, _offsets(counts), trans_w=True)
+    assert y.dtype == dtype
+    assert spy_reference_gemm == [(dtype, dtype)]
+    # Exactly the op on the cast inputs, and gradients in the parameters' dtype through the casts.
+    x_low, w_low = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    y_low = grouped_gemm(x_low, w_low, _offsets(counts), trans_w=True)
+    torch.testing.assert_close(y, y_low, atol=0, rtol=0)
+    dy = torch.randn(10, 8).to(dtype)
+    (y * dy).sum().backward()
+    (y_low * dy).sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_low.grad.float(), atol=0, rtol=0)
+    torch.testing.assert_close(w.grad, w_low.grad.float(), atol=0, rtol=0)
+
+
+def test_grouped_gemm_accepts_mixed_dtypes_only_under_autocast():
+    x, w, offsets = torch.randn(6, 8).bfloat16(), torch.randn(2, 8, 4), _offsets([2, 4])
+    with pytest.raises(ValueError, match="must have the same dtype"):
+        grouped_gemm(x, w, offsets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grouped_gemm(x, w, offsets).dtype == torch.bfloat16
+        # out= is not autocast (as torch's out= ops): the caller's buffer fixes the dtype.
+        out = torch.empty(6, 4)
+        with torch.no_grad():
+            assert grouped_gemm(x.float(), w, offsets, out=out) is out
+    torch.testing.assert_close(out, reference.grouped_gemm(x.float(), w, offsets))
+
+
+def test_experts_under_bf16_autocast_run_bf16_gemms_with_fp32_grads(spy_reference_gemm):
+    torch.manual_seed(0)
+    experts = Experts(num_experts=4, hidden_size=16, intermediate_size=8)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x_sorted = torch.randn(12, 16, requires_grad=True)
+    offsets = _offsets([5, 0, 4, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x_sorted, offsets)
+    assert y.dtype == torch.bfloat16
+    assert spy_reference_gemm == [(torch.bfloat16, torch.bfloat16)] * 3
+    y.float().square().sum().backward()
+    for name, p in experts.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+    assert x_sorted.grad.dtype == torch.float32
+
+
+def test_moe_permute_casts_under_autocast_and_unpermute_keeps_fp32_weights():
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    ids = torch.randint(0, 3, (6, 2))
+    weights = torch.rand(6, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_sorted, row_map, _ = moe_permute(x, ids, 3)
+        assert x_sorted.dtype == torch.bfloat16
+        y = moe_unpermute(x_sorted, row_map, weights)
+    assert y.dtype == torch.bfloat16  # the expert outputs' dtype; the routing weights were not cast
+    torch.testing.assert_close(y, reference.moe_unpermute(x_sorted, row_map, weights), atol=0, rtol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weights.grad.dtype == torch.float32
 
 
 # ---- device guard --------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ is current) and passes torch's current stream on that device as an integer handl
 Dispatch (architecture §4): CUDA kernel → C++ CPU kernel → ``k2.ops.reference``. ``K2_OPS=reference`` forces
 the reference everywhere; it is read at every call so tests and benchmarks can switch it. Tensors of a dtype no
 native kernel takes (float64, complex) run the reference on every device (:func:`kernel_module`).
+
+Autocast: :func:`register_autocast` gives the matmul-like ops the rule torch gives ``torch.mm``: under
+``torch.autocast`` their floating inputs are cast to the autocast dtype, so bf16 autocast reaches the bf16
+tensor-core kernels.
 """
 
 from __future__ import annotations
@@ -128,3 +132,38 @@ def call(fn: str, device: torch.device, *args: object, workspace: tuple[str, Seq
             nbytes = getattr(mod, query)(*sizes, device.type, device.index or 0)
             args = (*args, torch.empty(nbytes, dtype=torch.uint8, device=device))
         getattr(mod, fn)(*(view(a) if isinstance(a, torch.Tensor) else a for a in args), stream(device))
+
+
+_AUTOCAST_LIB = torch.library.Library("k2", "FRAGMENT")
+
+
+def register_autocast(name: str, *, cast: Sequence[int] | None = None) -> None:
+    """Under ``torch.autocast`` (CUDA and CPU), the custom op ``k2::<name>`` runs with its floating inputs cast to
+    the autocast dtype (torch's rule for ``torch.mm``): positional arguments ``cast`` (default: every tensor
+    argument); float64 and tensors on another device type are left alone, as torch's own autocast does. The casts
+    are ordinary differentiable ``.to`` calls, so gradients reach the inputs in their own dtype (fp32 parameters
+    get fp32 grads). Unlike ``torch.library.register_autocast``, the dtype is the one autocast was entered with
+    (bf16 or fp16), not one fixed at registration."""
+    op = getattr(torch.ops.k2, name).default
+
+    def rule(device_type: str):
+        def kernel(_keyset: torch._C.DispatchKeySet, *args: object) -> object:
+            dtype = torch.get_autocast_dtype(device_type)
+            positions = range(len(args)) if cast is None else cast
+            args = list(args)
+            for i in positions:
+                a = args[i]
+                if (
+                    isinstance(a, torch.Tensor)
+                    and a.is_floating_point()
+                    and a.dtype != torch.float64
+                    and a.device.type == device_type
+                ):
+                    args[i] = a.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+
+        return kernel
+
+    for device_type in ("cuda", "cpu"):
+        _AUTOCAST_LIB.impl(name, rule(device_type), "Autocast" + device_type.upper(), with_keyset=True)

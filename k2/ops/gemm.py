@@ -16,6 +16,9 @@ runs, a per-group loop otherwise; also for float64). A native kernel is called t
 offsets, out, trans_w, workspace, stream)`` with view tuples, a preallocated ``out`` and a workspace of
 ``k2._C.grouped_gemm_workspace_size(dtype, E, device_type, device)`` bytes (CUTLASS's per-group argument arrays).
 With no groups (``E = 0``) no row belongs to any group and the product is zero.
+
+Autocast: under ``torch.autocast`` x and w are cast to the autocast dtype (torch's rule for ``torch.mm``), so the
+experts of a bf16-autocast model run the bf16 tensor-core kernels; gradients come back in the inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from k2.ops import _native, reference
 _FAMILY = "gemm"
 
 
-def _check(op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool) -> None:
+def _check(
+    op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool, *, autocast: bool = False
+) -> None:
     if x.dim() != 2:
         raise ValueError(f"k2.ops.{op}: x must be [T, K], got shape {tuple(x.shape)}")
     if w.dim() != 3:
@@ -40,7 +45,7 @@ def _check(op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, tra
         raise ValueError(
             f"k2.ops.{op}: offsets must be int32 [E={w.shape[0]}], got {offsets.dtype} {tuple(offsets.shape)}"
         )
-    if x.dtype != w.dtype:
+    if x.dtype != w.dtype and not autocast:  # under autocast both are cast to the autocast dtype
         raise ValueError(f"k2.ops.{op}: x ({x.dtype}) and w ({w.dtype}) must have the same dtype")
     if not (x.device == w.device == offsets.device):
         raise ValueError(
@@ -120,6 +125,11 @@ def _backward(ctx, dy: torch.Tensor):
 
 
 _grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
+# Matmul-like: inputs cast to the autocast dtype. grouped_gemm_out casts nothing, as torch's out= ops: the result
+# dtype is the caller's buffer's, and the product inside it runs with autocast off.
+_native.register_autocast("grouped_gemm")
+_native.register_autocast("grouped_gemm_wgrad")
+_native.register_autocast("grouped_gemm_out", cast=())
 
 
 def grouped_gemm(
@@ -133,12 +143,14 @@ def grouped_gemm(
         offsets: ``[E]`` int32 cumulative row ends on ``x``'s device; ``offsets[-1] == T``; empty groups allowed.
         trans_w: read ``w`` in the ``nn.Linear`` layout.
         out: optional ``[T, N]`` tensor of ``x``'s dtype and device to write the result into (then returned);
-            not differentiable, like torch's ``out=`` arguments.
+            not differentiable and not autocast, like torch's ``out=`` arguments.
 
     Returns:
-        ``[T, N]`` in ``x``'s dtype. Differentiable in ``x`` and ``w`` when ``out`` is None.
+        ``[T, N]`` in ``x``'s dtype, or the autocast dtype under ``torch.autocast`` (then ``x`` and ``w`` may differ
+        in dtype, as for ``torch.mm``). Differentiable in ``x`` and ``w`` when ``out`` is None.
     """
-    _check("grouped_gemm", x, w, offsets, trans_w)
+    autocast = out is None and torch.is_autocast_enabled(x.device.type)
+    _check("grouped_gemm", x, w, offsets, trans_w, autocast=autocast)
     if out is None:
         return _grouped_gemm(x, w, offsets, trans_w)
     shape = (x.shape[0], w.shape[1] if trans_w else w.shape[2])

@@ -13,6 +13,10 @@ CUDA kernel → C++ CPU kernel → ``k2.ops.reference`` (also for float64). Nati
 is empty on CPU): ``k2._C.moe_permute(x, topk_ids, x_sorted, row_map, offsets, workspace, stream)``,
 ``k2._C.moe_unpermute(y_sorted, row_map, topk_weights, y, workspace, stream)`` and
 ``k2._C.moe_unpermute_backward(dy, y_sorted, row_map, topk_weights, dy_sorted, dweights, stream)``.
+
+Autocast: ``moe_permute`` casts ``x`` to the autocast dtype (the copies feed the experts' GEMMs, which would cast
+them anyway; casting the T rows before the gather moves half the bytes); ``moe_unpermute`` keeps its inputs' dtypes
+(the routing weights stay fp32, the sum accumulates in fp32 and is returned in ``y_sorted``'s dtype).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def _permute_backward(ctx, dx_sorted: torch.Tensor, _drow_map, _doffsets):
 
 
 _moe_permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+_native.register_autocast("moe_permute", cast=(0,))
 
 
 def moe_permute(
