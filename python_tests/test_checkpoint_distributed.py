@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed_muon import free_port
 from test_train_checkpoint import MICRO
 
 from k2.data import ByteTokenizer, corpus, packing
@@ -134,12 +134,6 @@ def _resume_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_equal(a, b, where: str = "") -> None:
     if isinstance(a, dict):
         assert a.keys() == b.keys(), where
@@ -156,7 +150,7 @@ def _assert_equal(a, b, where: str = "") -> None:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ckpt")
-    mp.spawn(_save_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_save_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"saved{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -179,7 +173,7 @@ def test_ranks_write_one_agreed_directory_and_only_rank0_deletes(saved) -> None:
 
 def test_resume_on_two_processes_is_identical(saved) -> None:
     out, ranks = saved
-    mp.spawn(_resume_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     for rank, save in enumerate(ranks):
         resumed = torch.load(out / f"resumed{rank}.pt", weights_only=False)
         chunks = [v for entry in resumed["optim"].values() for v in entry.values() if v.dim()]

@@ -82,7 +82,8 @@ def _worker(rank: int, world: int, mode: str, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback for a gloo rendezvous (shared with the other multi-process tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -99,7 +100,7 @@ def _single_process(mode: str) -> tuple[dict[str, torch.Tensor], list[int]]:
 
 @pytest.mark.parametrize(("world", "mode"), [(4, "full"), (2, "split")])
 def test_distributed_equals_single_process(world, mode, tmp_path):
-    mp.spawn(_worker, args=(world, mode, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, mode, free_port(), str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     expected_state, expected_clipped = _single_process(mode)
     assert sum(expected_clipped) > 0, expected_clipped  # QK-Clip fired: the MAX all-reduce is exercised
