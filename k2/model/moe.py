@@ -10,7 +10,8 @@ whose top-2 biased scores sum highest); weights are the unbiased ``s`` of the ch
 
 Experts are stacked ``w_gate/w_up [E, F, D]``, ``w_down [E, D, F]`` (nn.Linear layout) and run as three grouped
 GEMMs over expert-sorted token copies (``k2.ops.moe_permute`` → ``grouped_gemm`` → ``moe_unpermute``): no
-per-expert Python loop, experts with no tokens cost nothing.
+per-expert Python loop, experts with no tokens cost nothing. ``Experts`` owns the whole routed computation
+(sort, GEMMs, weighted combine), so expert parallelism replaces that one submodule from outside.
 
 Load balancing, both outside the gradient of the main loss:
 - aux-loss-free (DeepSeek-V3, Moonlight): the layer records ``tokens_per_expert [E]`` each forward; the trainer
@@ -81,19 +82,33 @@ class Router(KeepFP32Buffers):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts as stacked weights, applied to expert-sorted rows with grouped GEMMs."""
+    """E SwiGLU experts as stacked weights: each token's K copies are sorted by expert (``k2.ops.moe_permute``), run
+    through three grouped GEMMs (:meth:`swiglu`) and combined with the routing weights (``k2.ops.moe_unpermute``).
+
+    This is the seam expert parallelism replaces from outside (``k2.parallel``): a module with the same
+    ``forward`` contract that keeps only its rank's experts and exchanges the token copies between ranks."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
+        self.num_experts = num_experts
         self.w_gate = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))  # [E, F, D]
         self.w_up = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))  # [E, F, D]
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))  # [E, D, F]
 
-    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``x_sorted [T*K, D]`` grouped by expert, ``offsets [E]`` int32 cumulative row ends → ``[T*K, D]``."""
-        gate = grouped_gemm(x_sorted, self.w_gate, offsets, trans_w=True)  # [T*K, F]
-        up = grouped_gemm(x_sorted, self.w_up, offsets, trans_w=True)  # [T*K, F]
-        return grouped_gemm(F.silu(gate) * up, self.w_down, offsets, trans_w=True)  # [T*K, D]
+    def forward(
+        self, x_TD: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [T, D]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` → ``y [T, D]`` (``Σ_k w_k · expert_k(x)``) and
+        ``tokens_per_expert [E]`` int64 (copies routed to each expert)."""
+        x_sorted, row_map, offsets = moe_permute(x_TD, topk_ids, self.num_experts)  # [T*K, D], [T*K], [E]
+        y = moe_unpermute(self.swiglu(x_sorted, offsets), row_map, topk_weights)  # [T, D]
+        return y, torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+
+    def swiglu(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``x_sorted [N, D]`` grouped by expert, ``offsets [E]`` int32 cumulative row ends → ``[N, D]``."""
+        gate = grouped_gemm(x_sorted, self.w_gate, offsets, trans_w=True)  # [N, F]
+        up = grouped_gemm(x_sorted, self.w_up, offsets, trans_w=True)  # [N, F]
+        return grouped_gemm(F.silu(gate) * up, self.w_down, offsets, trans_w=True)  # [N, D]
 
 
 class MoE(nn.Module):
@@ -117,11 +132,8 @@ class MoE(nn.Module):
         b, s, d = x.shape
         x_TD = x.reshape(-1, d)
         topk_ids, topk_weights, scores = self.gate(x_TD)  # [T, K], [T, K], [T, E]
-        x_sorted, row_map, offsets = moe_permute(x_TD, topk_ids, self.num_experts)  # [T*K, D], [T*K], [E]
-        y_sorted = self.experts(x_sorted, offsets)  # [T*K, D]
-        y = moe_unpermute(y_sorted, row_map, topk_weights)  # [T, D]
-        with torch.no_grad():
-            self.tokens_per_expert = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+        y, tokens_per_expert = self.experts(x_TD, topk_ids, topk_weights)  # [T, D], [E]
+        self.tokens_per_expert = tokens_per_expert.detach()
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self.sequence_aux_loss(scores.view(b, s, -1), topk_ids.view(b, s, -1))
