@@ -156,8 +156,7 @@ def _materialize(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to(dtype).to_empty(device=device)
-    for attn in model.attention_layers():
-        attn.max_logits.fill_(float("-inf"))
+    model.reset_max_attention_logits()
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     return model
