@@ -6,6 +6,7 @@ that dispatches to the CUDA kernel, then the C++ CPU kernel, then the pure-PyTor
 """
 
 from k2.ops._native import available, forced_reference
+from k2.ops.comm import EpHandle, ep_combine, ep_dispatch
 from k2.ops.gemm import grouped_gemm
 from k2.ops.gemm_fp8 import grouped_gemm_fp8
 from k2.ops.moe import moe_permute, moe_unpermute
@@ -13,8 +14,11 @@ from k2.ops.newton_schulz import newton_schulz
 from k2.ops.quant import dequantize_128x128, quantize_1x128, quantize_1x128_transposed, quantize_128x128
 
 __all__ = [
+    "EpHandle",
     "available",
     "dequantize_128x128",
+    "ep_combine",
+    "ep_dispatch",
     "forced_reference",
     "grouped_gemm",
     "grouped_gemm_fp8",
