@@ -159,7 +159,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             splits = [[3, 2], [4, 1]][rank]  # rows sent to ranks 0, 1
             recv = [[3, 4], [2, 1]][rank]  # rows received from ranks 0, 1
             x = torch.randn(sum(splits), D, dtype=torch.float64, requires_grad=True)
-            torch.library.opcheck(torch.ops.k2.ep_all_to_all.default, (x, recv, splits, dist.group.WORLD.group_name))
+            name = dist.group.WORLD.group_name
+            torch.library.opcheck(torch.ops.k2.ep_all_to_all.default, (x, recv, splits, name))
+            torch.library.opcheck(torch.ops.k2.ep_exchange_counts.default, (torch.arange(E) + rank, name))
+            perm = torch.randperm(5, generator=torch.Generator().manual_seed(rank))
+            torch.library.opcheck(torch.ops.k2.ep_permute_rows.default, (x, perm, torch.argsort(perm)))
             results["opcheck"] = True
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:

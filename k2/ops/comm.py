@@ -19,11 +19,13 @@ The exchange, step by step:
    counts come to the host in one copy — the only host synchronisation, needed for the split sizes.
 3. ``all_to_all_single`` of the rows with those split sizes; the rows arrive source-rank-major.
 4. A gather by ``handle.recv_order`` regroups them by local expert (skipped when L = 1: already in order).
-``ep_combine`` runs 4 → 3 backwards (scatter by ``recv_order``, all-to-all with the splits swapped) and then
-``moe_unpermute`` with this rank's routing weights.
+``ep_combine`` runs 4 → 3 backwards (gather by the inverse permutation, all-to-all with the splits swapped) and
+then ``moe_unpermute`` with this rank's routing weights.
 
 Autograd falls out of the composition: the row all-to-all is the custom op ``k2::ep_all_to_all`` whose backward is
-the same exchange with the splits swapped; ``moe_permute`` / ``moe_unpermute`` and the index ops bring their own.
+the same exchange with the splits swapped; the regroup is ``k2::ep_permute_rows``, a gather whose backward is the
+gather by the inverse permutation (a scatter costs 3-5x more on CPU); ``moe_permute`` / ``moe_unpermute`` bring
+their own.
 So the backward of dispatch sends row gradients back and sums each token's K copies, and the backward of combine
 dispatches ``weight * grad_out`` rows to the expert ranks and computes ``d topk_weights[t, k] = <grad_out[t],
 y_copy(t, k)>`` locally (``moe_unpermute``'s backward, on the rows that came back in the forward).
@@ -98,6 +100,31 @@ def _all_to_all_backward(ctx, grad: torch.Tensor):
 _ep_all_to_all.register_autograd(_all_to_all_backward, setup_context=_all_to_all_setup)
 
 
+@torch.library.custom_op("k2::ep_permute_rows", mutates_args=())
+def _ep_permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for a permutation ``index [R]`` whose inverse is ``inverse``; the backward is ``grad[inverse]``,
+    a gather again (a scatter or ``index_add`` costs several times more on CPU)."""
+    return x.index_select(0, index)
+
+
+@_ep_permute_rows.register_fake
+def _(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(index.shape[0], x.shape[1])
+
+
+def _permute_setup(ctx, inputs, output) -> None:
+    _, index, inverse = inputs
+    ctx.save_for_backward(index, inverse)
+
+
+def _permute_backward(ctx, grad: torch.Tensor):
+    index, inverse = ctx.saved_tensors
+    return _ep_permute_rows(grad, inverse, index), None, None
+
+
+_ep_permute_rows.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
 # ---- front doors -------------------------------------------------------------------------------------------
 
 
@@ -116,6 +143,7 @@ class EpHandle:
         recv_order: ``[R]`` int64 or None: ``recv_x[i] = buffer[recv_order[i]]``, where ``buffer`` holds the rows
             source-rank-major as ``all_to_all_single`` delivers them; None when that is already the final order
             (one local expert, or the local path).
+        recv_order_inv: ``[R]`` int64 or None, the inverse permutation: ``buffer[j] = recv_x[recv_order_inv[j]]``.
     """
 
     group_name: str | None
@@ -125,6 +153,7 @@ class EpHandle:
     recv_splits: tuple[int, ...]
     recv_counts: torch.Tensor
     recv_order: torch.Tensor | None
+    recv_order_inv: torch.Tensor | None
 
     @property
     def num_recv_rows(self) -> int:
@@ -141,17 +170,20 @@ def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     return None if group.size() == 1 else group
 
 
-def _recv_order(recv_counts: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``[R]`` int64: for each row in (local expert, source rank, source order) order, its position in the
-    source-rank-major buffer. ``recv_counts [W, L]``."""
-    world, local = recv_counts.shape
-    src_start = (recv_counts.flatten().cumsum(0) - recv_counts.flatten()).view(world, local)  # block (s, l) start
-    sizes_LW = recv_counts.t().flatten()  # block sizes in (l, s) order
-    dst_start = sizes_LW.cumsum(0) - sizes_LW
+def _block_transpose(counts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``counts [A, B]`` block sizes. Rows laid out block-major in (a, b) order are to be read in (b, a) order:
+    returns ``[num_rows]`` int64, for each row in (b, a) order its position in the (a, b) layout.
+
+    With ``counts = recv_counts [W, L]`` this is ``recv_order`` (source-rank-major buffer → by local expert);
+    with ``recv_counts.t()`` it is the inverse."""
+    a, b = counts.shape
+    src_start = (counts.flatten().cumsum(0) - counts.flatten()).view(a, b)  # start of block (a, b)
+    sizes_ba = counts.t().flatten()  # block sizes in (b, a) order
+    dst_start = sizes_ba.cumsum(0) - sizes_ba
     block = torch.repeat_interleave(
-        torch.arange(world * local, device=recv_counts.device), sizes_LW, output_size=num_rows
-    )  # [R] (l, s) block of each final row
-    within = torch.arange(num_rows, device=recv_counts.device) - dst_start[block]
+        torch.arange(a * b, device=counts.device), sizes_ba, output_size=num_rows
+    )  # [num_rows] (b, a) block of each row
+    within = torch.arange(num_rows, device=counts.device) - dst_start[block]
     return src_start.t().flatten()[block] + within
 
 
@@ -188,7 +220,7 @@ def ep_dispatch(
     num_rows = topk_ids.numel()
     if pg is None:
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long().view(1, num_experts)
-        handle = EpHandle(None, num_experts, row_map, (num_rows,), (num_rows,), counts, None)
+        handle = EpHandle(None, num_experts, row_map, (num_rows,), (num_rows,), counts, None, None)
         return x_sorted, offsets, handle
 
     local = num_experts // world
@@ -201,10 +233,16 @@ def ep_dispatch(
         raise ValueError(f"k2.ops.ep_dispatch: topk_ids must lie in [0, {num_experts})")
     buffer = _ep_all_to_all(x_sorted, list(recv_splits), list(send_splits), pg.group_name)  # [R, D] source-major
     num_recv = sum(recv_splits)
-    recv_order = None if local == 1 else _recv_order(recv_counts, num_recv)
-    recv_x = buffer if recv_order is None else buffer[recv_order]  # [R, D] expert-major
+    recv_order = recv_order_inv = None
+    recv_x = buffer
+    if local > 1:
+        recv_order = _block_transpose(recv_counts, num_recv)
+        recv_order_inv = _block_transpose(recv_counts.t(), num_recv)
+        recv_x = _ep_permute_rows(buffer, recv_order, recv_order_inv)  # [R, D] by local expert
     recv_offsets = recv_counts.sum(0).cumsum(0).to(torch.int32)  # [L]
-    handle = EpHandle(pg.group_name, num_experts, row_map, send_splits, recv_splits, recv_counts, recv_order)
+    handle = EpHandle(
+        pg.group_name, num_experts, row_map, send_splits, recv_splits, recv_counts, recv_order, recv_order_inv
+    )
     return recv_x, recv_offsets, handle
 
 
@@ -233,6 +271,6 @@ def ep_combine(y: torch.Tensor, handle: EpHandle, topk_weights: torch.Tensor) ->
     if handle.group_name is None:
         return moe_unpermute(y, handle.row_map, topk_weights)
     if handle.recv_order is not None:
-        y = y.new_empty(y.shape).index_copy(0, handle.recv_order, y)  # back to source-rank-major
+        y = _ep_permute_rows(y, handle.recv_order_inv, handle.recv_order)  # back to source-rank-major
     back = _ep_all_to_all(y, list(handle.send_splits), list(handle.recv_splits), handle.group_name)  # [T*K, D]
     return moe_unpermute(back, handle.row_map, topk_weights)
