@@ -180,12 +180,18 @@ def moe_unpermute(y_sorted: torch.Tensor, row_map: torch.Tensor, topk_weights: t
     """Combine expert outputs: ``y[t] = sum_k topk_weights[t, k] * y_sorted[pos(t, k)]``.
 
     ``y_sorted [T*K, D]`` in the order of :func:`moe_permute`, ``row_map [T*K]``, ``topk_weights [T, K]`` (any
-    float dtype) → ``y [T, D]`` in ``y_sorted``'s dtype; the weighted sum is accumulated in fp32.
+    float dtype) → ``y [T, D]`` in ``y_sorted``'s dtype; the weighted sum is accumulated in fp32 (fp64 for fp64).
     """
     num_tokens, top_k = topk_weights.shape
+    acc = _accumulation_dtype(y_sorted.dtype)
     y_flat = y_sorted[_inverse_permutation(row_map)].view(num_tokens, top_k, y_sorted.shape[1])  # [T, K, D]
-    y = torch.bmm(topk_weights.float().unsqueeze(1), y_flat.float()).squeeze(1)  # [T, 1, K] @ [T, K, D]
+    y = torch.bmm(topk_weights.to(acc).unsqueeze(1), y_flat.to(acc)).squeeze(1)  # [T, 1, K] @ [T, K, D]
     return y.to(y_sorted.dtype)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit and fp32 data, fp64 for fp64 (never less precise than the data)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def moe_unpermute_backward(
@@ -195,10 +201,11 @@ def moe_unpermute_backward(
     ``dweights [T, K]`` (``<y_sorted[pos(t, k)], dy[t]>``, in ``topk_weights``' dtype)."""
     num_tokens, top_k = topk_weights.shape
     row = row_map.long()
-    dy_f = dy.float()
-    dy_sorted = (dy_f[row // top_k] * topk_weights.reshape(-1)[row].float()[:, None]).to(y_sorted.dtype)
+    acc = _accumulation_dtype(y_sorted.dtype)
+    dy_f = dy.to(acc)
+    dy_sorted = (dy_f[row // top_k] * topk_weights.reshape(-1)[row].to(acc)[:, None]).to(y_sorted.dtype)
     y_flat = y_sorted[_inverse_permutation(row_map)].view(num_tokens, top_k, y_sorted.shape[1])
-    dweights = torch.bmm(y_flat.float(), dy_f.unsqueeze(-1)).squeeze(-1).to(topk_weights.dtype)  # [T, K]
+    dweights = torch.bmm(y_flat.to(acc), dy_f.unsqueeze(-1)).squeeze(-1).to(topk_weights.dtype)  # [T, K]
     return dy_sorted, dweights
 
 
