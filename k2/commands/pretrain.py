@@ -7,6 +7,7 @@ few minutes, into ``runs/<timestamp>``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help="model preset (tiny, small, moonlight, deepseek_v3, kimi_k2)")
     source.add_argument(
-        "--config", metavar="FILE", help="TOML file with [model] [data] [optim] [train] [eval] [checkpoint] sections"
+        "--config",
+        metavar="FILE",
+        help="TOML file with [model] [data] [optim] [train] [eval] [checkpoint] [parallel] sections",
     )
     source.add_argument(
         "--resume",
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         where = run_dir or "the run directory"
         print(f"k2 pretrain: interrupted; continue with: k2 pretrain --resume {where}", file=sys.stderr)
         return 130
-    _report(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
+        _report(summary)
     return 0
 
 

@@ -6,6 +6,10 @@ section.key=value`` overrides. Every key is checked: an unknown section or key, 
 raises ``ConfigError`` naming it and listing what is allowed. The resolved config is written into the run
 directory as ``config.toml`` and is what ``--resume`` reads back.
 
+``[parallel]`` (``dp``, ``ep``, ``pp``, ``timeout_s``) lays the run out over the ranks of a torchrun job
+(``k2.parallel``); all 1s is one process. ``train.batch_size`` is the global batch over all dp ranks, so changing dp
+does not change the math. ``validate_parallel`` holds every rule of the section.
+
 ``[model]`` holds ``preset`` plus any scalar ``ModelConfig`` field, which overrides the preset's value (e.g.
 ``num_hidden_layers = 2``). TOML has no null, so "off" is spelled 0 where a feature can be off (``grad_clip``,
 ``qk_clip_tau``, ``checkpoint_every``) and ``data.path = ""`` means the built-in corpus.
@@ -80,7 +84,7 @@ class OptimSection:
 @dataclass(frozen=True, kw_only=True)
 class TrainSection:
     steps: int = 150  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # GLOBAL sequences per micro-batch, over all data-parallel ranks (parallel.dp divides it)
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model initialisation
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
@@ -106,6 +110,14 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelSection:
+    dp: int = 1  # data-parallel ranks (ZeRO-1); pp·dp = WORLD_SIZE of the torchrun job
+    ep: int = 1  # expert-parallel ranks, drawn from dp: ep divides dp and model.n_routed_experts
+    pp: int = 1  # pipeline stages: reserved, must be 1
+    timeout_s: float = 600.0  # torch.distributed collective timeout: a dead rank ends the job after this long
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -113,6 +125,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The TOML layout: model overrides are flattened into ``[model]`` next to ``preset``."""
@@ -328,6 +341,42 @@ def validate(config: TrainConfig) -> None:
     if not all(0.0 <= b < 1.0 for b in config.optim.betas):
         raise ConfigError(f"optim.betas must be in [0, 1), got {list(config.optim.betas)}")
     lr_schedule(config)
+    validate_parallel(config)
+
+
+def validate_parallel(config: TrainConfig, world_size: int | None = None) -> None:
+    """Every rule of ``[parallel]`` (one ``ConfigError`` line each): the layout against the model and the global
+    batch, and, given the launch's ``world_size``, ``pp·dp = WORLD_SIZE``. ``pretrain`` calls it with the world
+    size on every rank before any work; ``build_config`` without (a config can be resolved outside torchrun)."""
+    p, experts = config.parallel, config.model.build().n_routed_experts
+    for key in ("dp", "ep", "pp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    if not p.timeout_s > 0:
+        raise ConfigError(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+    if p.pp != 1:
+        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is reserved for a later release; pp must be 1")
+    if p.dp % p.ep:
+        raise ConfigError(
+            f"parallel.ep={p.ep} must divide parallel.dp={p.dp} (an expert-parallel group is ep consecutive "
+            "data-parallel ranks)"
+        )
+    if experts % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide model.n_routed_experts={experts} (E/ep experts per rank)")
+    if p.ep > 1:
+        raise ConfigError(f"parallel.ep={p.ep}: expert parallelism is not available yet; use parallel.ep=1")
+    if config.train.batch_size % p.dp:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is the global batch and must be a multiple of "
+            f"parallel.dp={p.dp} (each rank takes batch_size/dp sequences)"
+        )
+    if world_size is not None and p.pp * p.dp != world_size:
+        raise ConfigError(
+            f"parallel: pp·dp = {p.pp * p.dp} but WORLD_SIZE = {world_size}; run {p.pp * p.dp} "
+            f"process{'es' if p.pp * p.dp > 1 else ''} "
+            f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 pretrain ...) or set parallel.dp="
+            f"{world_size // p.pp}"
+        )
 
 
 def lr_schedule(config: TrainConfig) -> schedule.WSD:

@@ -30,14 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from k2.data import packing
 from k2.errors import ConfigError, K2Error
 from k2.model import ModelConfig, Transformer, count_parameters, save_hf
 from k2.optim import MuonClip
+from k2.parallel import ParallelState, init_parallel, local_rank_from_env, world_size_from_env
+from k2.parallel import data_parallel as dpar
 from k2.train import checkpoint as ckpt
-from k2.train.config import CONFIG_FILE, TrainConfig, lr_schedule
+from k2.train.config import CONFIG_FILE, TrainConfig, lr_schedule, validate_parallel
 from k2.train.data import TrainData, baseline_loss, build_data, eval_sequences
 from k2.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, Progress
 
@@ -57,15 +60,18 @@ def default_run_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``train.device`` as a device; under torchrun (``local_rank`` given) "auto"/"cuda" mean ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"train.device: unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -79,7 +85,9 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_optimizer(model: Transformer, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Transformer, config: TrainConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
+    """AdamW (replicated over dp) or MuonClip, ZeRO-1 over the dp group; gradients arrive averaged over dp
+    (``train_step``), so MuonClip does not reduce them again."""
     o = config.optim
     if o.name == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
@@ -92,6 +100,8 @@ def build_optimizer(model: Transformer, config: TrainConfig) -> torch.optim.Opti
         momentum=o.momentum,
         betas=o.betas,
         adamw_eps=o.eps,
+        process_group=par.dp_group if par is not None else None,
+        reduce_gradients=False,
     )
 
 
@@ -112,19 +122,33 @@ def peak_flops(device: torch.device, amp: torch.dtype | None) -> float | None:
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer, heldout: packing.PackedSequences, *, batch_size: int, num_sequences: int, device, amp
+    model: Transformer,
+    heldout: packing.PackedSequences,
+    *,
+    batch_size: int,
+    num_sequences: int,
+    device,
+    amp,
+    par: ParallelState | None = None,
 ) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over the first ``num_sequences`` held-out sequences, and the token count."""
+    """Token-weighted mean cross-entropy over the first ``num_sequences`` held-out sequences, and the token count.
+    Data parallel: rank r scores batches r, r+dp, ...; the sums are all-reduced (fp64)."""
+    par = par or ParallelState()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in packing.eval_batches(heldout, batch_size, max_sequences=num_sequences):
+    for i, (x, y) in enumerate(packing.eval_batches(heldout, batch_size, max_sequences=num_sequences)):
+        if i % par.dp != par.dp_rank:
+            continue
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model.loss(x, y)
         total += float(loss) * y.numel()
         count += y.numel()
     model.train(was_training)
+    if par.dp_group is not None:
+        sums = dpar.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device), par.dp_group)
+        total, count = float(sums[0]), int(sums[1])
     return total / count, count
 
 
@@ -145,13 +169,18 @@ def train_step(
     config: TrainConfig,
     device: torch.device,
     amp: torch.dtype | None,
+    par: ParallelState | None = None,
 ) -> StepResult:
-    """One optimizer step over ``train.grad_accum`` micro-batches (see the module docstring)."""
+    """One optimizer step over ``train.grad_accum`` micro-batches (see the module docstring). Data parallel: this
+    rank's rows of each global micro-batch; loss, gradients, loads and max logits are then those of the global
+    batch on every rank."""
+    par = par or ParallelState()
     accum = config.train.grad_accum
+    rows = dpar.batch_rows(config.train.batch_size, par)
     loss_sum = torch.zeros((), device=device)
     load: torch.Tensor | None = None  # [n_moe_layers, E]
     for _ in range(accum):
-        x, y = next(batches)
+        x, y = next(batches) if par.dp == 1 else batches.data.batch(batches.next_indices()[rows])
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model.loss(x, y)
@@ -159,8 +188,13 @@ def train_step(
         loss_sum += loss.detach().float()
         micro_load = model.expert_load()
         load = micro_load if load is None else load + micro_load
-    loss_value = float(loss_sum) / accum
     max_logits = model.max_attention_logits()  # [L, H], running max over the micro-batches
+    if par.dp_group is not None:
+        loss_sum = dpar.all_reduce(loss_sum, par.dp_group) / par.dp  # mean of equal-sized slices' means
+        load = dpar.all_reduce(load, par.dp_group) if load is not None else None
+        max_logits = dpar.all_reduce(max_logits, par.dp_group, op="max")  # MuonClip reduces its own copy too
+        dpar.average_gradients([p for p in model.parameters() if p.requires_grad], par.dp_group)
+    loss_value = float(loss_sum) / accum
 
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -217,7 +251,12 @@ def pretrain(
 
     Everything that can fail on user input (data, model shape, checkpoint) is checked before the run directory
     is written to, so a bad invocation leaves an existing run untouched.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: ``[parallel]`` is checked against the world size
+    first, then ``torch.distributed`` is initialised (``k2.parallel``); a setup error on any rank stops every rank
+    before training; rank 0 alone prints and writes the run files, all ranks write their checkpoint shards.
     """
+    validate_parallel(config, dist.get_world_size() if dist.is_initialized() else world_size_from_env())
     threads = torch.get_num_threads()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -229,20 +268,38 @@ def pretrain(
 
 def _pretrain(config: TrainConfig, run_dir: Path | None, resume: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
-    run_dir = _prepare_run_dir(run_dir, resume)
-    device = resolve_device(config.train.device)
-    amp = autocast_dtype(device, config.train.precision)
-    model_cfg = config.model.build()
-    schedule = lr_schedule(config)
-    data: TrainData = build_data(config.data, vocab_size=model_cfg.vocab_size)
-    n_eval = eval_sequences(data.heldout, config.eval.max_sequences)
-    baseline = baseline_loss(data.heldout, n_eval)
+    p = config.parallel
+    device = resolve_device(config.train.device, local_rank_from_env() if p.dp * p.pp > 1 else None)
+    par = init_parallel(dp=p.dp, ep=p.ep, pp=p.pp, timeout_s=p.timeout_s, device=device)
+    try:
+        return _pretrain_ranks(config, run_dir, resume, device, par, t_start)
+    finally:
+        par.close()
 
-    torch.manual_seed(config.train.seed)
-    model = Transformer(model_cfg).to(device)
-    model.train()
-    optimizer = build_optimizer(model, config)
-    batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
+
+def _pretrain_ranks(
+    config: TrainConfig, run_dir: Path | None, resume: bool, device: torch.device, par: ParallelState, t_start: float
+) -> dict[str, Any]:
+    if run_dir is None and not resume:
+        run_dir = dpar.from_main(par, default_run_dir())  # one timestamp for all ranks
+    error = None
+    try:
+        run_dir = _prepare_run_dir(run_dir, resume)
+        amp = autocast_dtype(device, config.train.precision)
+        model_cfg = config.model.build()
+        schedule = lr_schedule(config)
+        data: TrainData = build_data(config.data, vocab_size=model_cfg.vocab_size)
+        n_eval = eval_sequences(data.heldout, config.eval.max_sequences)
+        baseline = baseline_loss(data.heldout, n_eval)
+
+        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+        model = Transformer(model_cfg).to(device)
+        model.train()
+        optimizer = build_optimizer(model, config, par)
+        batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
+    except Exception as e:
+        error = e
+    dpar.agree(par, error)  # every rank has checked its input before any rank goes on
     state: dict[str, Any] = {
         "step": 0,
         "tokens": 0,
@@ -259,14 +316,19 @@ def _pretrain(config: TrainConfig, run_dir: Path | None, resume: bool) -> dict[s
     if state["step"] >= config.train.steps:
         raise ConfigError(f"the run in {run_dir} already did {state['step']} steps; raise train.steps to continue")
 
-    # Nothing above wrote to run_dir; from here on the run owns it.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
-    logger = MetricsLogger(run_dir, start_step=state["step"])
+    # Nothing above wrote to run_dir; from here on the run owns it (rank 0 writes its files).
+    logger = None
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir)
+        logger = MetricsLogger(run_dir, start_step=state["step"])
     try:
-        summary = _run(config, run_dir, model, optimizer, batches, data, schedule, state, logger, device, amp, n_eval)
+        summary = _run(
+            config, run_dir, model, optimizer, batches, data, schedule, state, logger, device, amp, n_eval, par
+        )
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
 
     summary.update(
         baseline_loss=baseline,
@@ -278,7 +340,10 @@ def _pretrain(config: TrainConfig, run_dir: Path | None, resume: bool) -> dict[s
         data=data.source,
         device=str(device),
         precision="bf16" if amp is not None else "fp32",
+        parallel={"dp": par.dp, "ep": par.ep, "pp": par.pp, "world_size": par.world_size},
     )
+    if not par.is_main:
+        return {**summary, "files": {}}
     _write_json(run_dir / SUMMARY_FILE, summary)  # the plots read the baseline from it
     summary["files"] = _finish(config, run_dir, model, data)
     _write_json(run_dir / SUMMARY_FILE, summary)
@@ -294,16 +359,18 @@ def _run(
     data: TrainData,
     schedule,
     state: dict[str, Any],
-    logger: MetricsLogger,
+    logger: MetricsLogger | None,
     device: torch.device,
     amp: torch.dtype | None,
     n_eval: int,
+    par: ParallelState,
 ) -> dict[str, Any]:
+    """The training loop on every rank; ``logger`` (rank 0 only, else None) gets the records."""
     t, total = config.train, config.train.steps
     tokens_per_step = t.batch_size * t.grad_accum * config.data.context_len
     fpt, peak = flops_per_token(model.config, config.data.context_len), peak_flops(device, amp)
     meta = {"model_config": model.config.to_dict()}
-    progress = Progress(total=total, initial=state["step"], log_every=t.log_every)
+    progress = Progress(total=total, initial=state["step"], log_every=t.log_every) if par.is_main else None
     step_s_avg, eval_loss, last_loss, run_tokens, run_s = None, None, None, 0, 0.0
 
     def trainer_state() -> dict[str, Any]:
@@ -315,7 +382,7 @@ def _run(
             lr = schedule(state["step"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            r = train_step(model, optimizer, batches, config, device, amp)
+            r = train_step(model, optimizer, batches, config, device, amp, par)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_s = time.perf_counter() - t0
@@ -341,7 +408,8 @@ def _run(
             }
             if peak is not None:
                 record["mfu"] = fpt * tokens_per_step / step_s / peak
-            logger.log(record)
+            if logger is not None:
+                logger.log(record)
 
             if r.finite:
                 state["consecutive_skipped"] = 0
@@ -349,7 +417,8 @@ def _run(
             else:
                 state["skipped"] += 1
                 state["consecutive_skipped"] += 1
-                progress.write(f"step {step}: non-finite loss {r.loss} or grad norm {r.grad_norm}; update skipped")
+                if progress is not None:
+                    progress.write(f"step {step}: non-finite loss {r.loss} or grad norm {r.grad_norm}; update skipped")
                 if state["consecutive_skipped"] >= t.max_skipped_steps:
                     last = ckpt.latest_checkpoint(run_dir)
                     raise TrainingDiverged(
@@ -357,26 +426,35 @@ def _run(
                         f"non-finite loss or gradient (train.max_skipped_steps={t.max_skipped_steps}); lower "
                         f"optim.lr or raise optim.grad_clip; last good checkpoint: {last or 'none'}"
                     )
-            progress.update(
-                step,
-                loss=r.loss if r.finite else None,
-                tokens_per_s=tokens_per_step / step_s_avg,
-                eta_s=(total - step) * step_s_avg,
-                extra=f", eval {eval_loss:.4f}" if eval_loss is not None else "",
-            )
+            if progress is not None:
+                progress.update(
+                    step,
+                    loss=r.loss if r.finite else None,
+                    tokens_per_s=tokens_per_step / step_s_avg,
+                    eta_s=(total - step) * step_s_avg,
+                    extra=f", eval {eval_loss:.4f}" if eval_loss is not None else "",
+                )
 
             if (config.eval.every and step % config.eval.every == 0) or step == total:
                 eval_loss, eval_tokens = evaluate(
-                    model, data.heldout, batch_size=config.eval.batch_size, num_sequences=n_eval, device=device, amp=amp
+                    model,
+                    data.heldout,
+                    batch_size=config.eval.batch_size,
+                    num_sequences=n_eval,
+                    device=device,
+                    amp=amp,
+                    par=par,
                 )
-                logger.log({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens})
+                if logger is not None:
+                    logger.log({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens})
             periodic = t.checkpoint_every and step % t.checkpoint_every == 0
             if (periodic and not state["consecutive_skipped"]) or step == total:  # not in the middle of a bad streak
                 ckpt.save_checkpoint(
                     run_dir, step, model, optimizer, trainer_state(), keep_last=config.checkpoint.keep_last, meta=meta
                 )
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     return {
         "eval_loss": eval_loss,
         "train_loss": last_loss,
