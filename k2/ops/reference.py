@@ -4,6 +4,8 @@ native kernel exists for a device. Written for clarity, not speed; each function
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 # ---- quant: FP8 casting ----------------------------------------------------------------------------------
@@ -234,3 +236,104 @@ def newton_schulz(x: torch.Tensor, coefficients: list[tuple[float, float, float]
     if transpose:
         X = X.mT
     return X.reshape(shape)
+
+
+# ---- attention: MLA attention over packed documents -------------------------------------------------------
+
+
+def _document_bounds(tokens: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
+    """``[(start, end)]`` of each document: one document of all ``tokens`` when ``cu_seqlens`` is None. Raises
+    ValueError unless ``cu_seqlens`` starts at 0, never decreases and ends at ``tokens``."""
+    if cu_seqlens is None:
+        return [(0, tokens)]
+    cuts = cu_seqlens.tolist()
+    if not cuts or cuts[0] != 0 or cuts[-1] != tokens or any(b < a for a, b in itertools.pairwise(cuts)):
+        raise ValueError(
+            f"k2.ops.mla_attention: argument 'cu_seqlens': expected 0 = c[0] <= c[1] <= ... <= c[N] = T = {tokens}, "
+            f"got {cuts if len(cuts) <= 8 else [*cuts[:4], '...', *cuts[-2:]]}"
+        )
+    return list(itertools.pairwise(cuts))
+
+
+def _document_logits(
+    q: torch.Tensor, k: torch.Tensor, softmax_scale: float, causal: bool, acc: torch.dtype
+) -> torch.Tensor:
+    """``scale · q·kᵀ`` of one document, ``q, k [n, H, dqk] -> [H, n, n]`` in ``acc``, −inf where masked."""
+    logits = torch.bmm(q.transpose(0, 1).to(acc), k.permute(1, 2, 0).to(acc)) * softmax_scale  # [H, n, n]
+    if causal:
+        n = q.shape[0]
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)  # key after query
+        logits = logits.masked_fill(future, float("-inf"))
+    return logits
+
+
+def mla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention per head over packed documents, with explicit logits (one ``[H, n, n]`` per document).
+
+    ``q, k [T, H, dqk]``, ``v [T, H, dv]``; ``cu_seqlens [N+1]`` int32 cuts the T tokens into documents
+    ``[c[i], c[i+1])`` (None: one document). A query sees the keys of its own document only, and with ``causal``
+    only those at or before its position. Computed in fp32 (fp64 for fp64 inputs) from the inputs as given:
+
+        logits = softmax_scale · q·kᵀ (masked: −inf)      o = softmax(logits) · v  (in q's dtype)
+        lse[h, t] = logsumexp_j logits[h, t, j] (fp32)   max_logits[h] = max over t, j of logits[h, t, j] (fp32)
+
+    Returns ``(o [T, H, dv], lse [H, T], max_logits [H])``; a head with no visible pair has max −inf. Differentiable
+    through autograd (the oracle for the kernels' gradients).
+    """
+    tokens, heads, _ = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    outs, lses = [], []
+    max_logits = torch.full((heads,), float("-inf"), dtype=torch.float32, device=q.device)
+    for start, end in _document_bounds(tokens, cu_seqlens):
+        if end == start:
+            continue
+        logits = _document_logits(q[start:end], k[start:end], softmax_scale, causal, acc)  # [H, n, n]
+        max_logits = torch.maximum(max_logits, logits.detach().amax(dim=(1, 2)).float())
+        lses.append(torch.logsumexp(logits, dim=-1).detach().float())  # [H, n]
+        o = torch.bmm(torch.softmax(logits, dim=-1), v[start:end].transpose(0, 1).to(acc))  # [H, n, dv]
+        outs.append(o.transpose(0, 1).to(q.dtype))
+    if not outs:
+        return q.new_empty(0, heads, v.shape[2]), torch.empty(heads, 0, device=q.device), max_logits
+    return torch.cat(outs), torch.cat(lses, dim=1), max_logits
+
+
+def mla_attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`mla_attention`'s ``o`` from the saved ``lse`` (FlashAttention-2's recompute), per document:
+
+        P = exp(logits − lse)   dV = Pᵀ·dO   dP = dO·Vᵀ   D = rowsum(dO ∘ O)   dS = P ∘ (dP − D)
+        dQ = scale · dS·K       dK = scale · dSᵀ·Q
+
+    in fp32 (fp64 for fp64), returned in the inputs' dtypes as ``(dq, dk, dv)``."""
+    tokens = q.shape[0]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq, dk, dv = torch.zeros_like(q, dtype=acc), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+    for start, end in _document_bounds(tokens, cu_seqlens):
+        if end == start:
+            continue
+        doc = slice(start, end)
+        logits = _document_logits(q[doc], k[doc], softmax_scale, causal, acc)  # [H, n, n]
+        p = torch.exp(logits - lse[:, doc, None].to(acc))
+        do_d, v_d = do[doc].transpose(0, 1).to(acc), v[doc].transpose(0, 1).to(acc)  # [H, n, dv]
+        d = (do_d * o[doc].transpose(0, 1).to(acc)).sum(-1, keepdim=True)  # [H, n, 1]
+        ds = p * (do_d @ v_d.mT - d) * softmax_scale  # [H, n, n]
+        dv[doc] = (p.mT @ do_d).transpose(0, 1)
+        dq[doc] = (ds @ k[doc].transpose(0, 1).to(acc)).transpose(0, 1)
+        dk[doc] = (ds.mT @ q[doc].transpose(0, 1).to(acc)).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
