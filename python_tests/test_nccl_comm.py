@@ -5,7 +5,9 @@ path cannot run; ``create_communicator`` fails with that reason; unknown handles
 
 With 2 GPUs (``gpu`` + ``multiproc``): two processes build an NCCL communicator over an NCCL torch group, and the
 native dispatch/combine equal an exchange computed in the test itself with ``torch.distributed.all_to_all_single``
-on that group — exactly for the rows (they move as bytes), within fp32-accumulation rounding for the combine.
+on that group — exactly for the rows (they move as bytes), within fp32-accumulation rounding for the combine —
+including the calls the gradients are made of (unit-weight combine, per-copy rows dispatched with top_k = 1, the
+rows a combine brings back).
 Routings include a rank that receives no rows and copies that are dropped (absent from ``send_copy``).
 """
 
@@ -182,6 +184,15 @@ def _worker(rank: int, world: int, port: int, routing: str, dtype: torch.dtype) 
         torch.testing.assert_close(out, expected, **tol)
         unweighted = _nccl.combine(comm, y, send_copy, K, T, send_counts, recv_counts, recv_index)
         torch.testing.assert_close(unweighted, full.view(T, K, D).sum(1).to(dtype), **tol)
+        _, rows = _nccl.combine(comm, y, send_copy, K, T, send_counts, recv_counts, recv_index, w, return_rows=True)
+        torch.testing.assert_close(rows, back, rtol=0, atol=0)
+
+        # The backward of combine dispatches per-copy rows w[t, k] * g[t]: top_k = 1 over [T*K, D].
+        copies = (w[..., None] * x.float()[:, None, :]).reshape(T * K, D).to(dtype)
+        grad_y, _ = _nccl.dispatch(comm, copies, send_copy, 1, send_counts, recv_counts, recv_index)
+        arrived_copies = copies.new_empty(sum(recv_counts), D)
+        dist.all_to_all_single(arrived_copies, copies[send_copy.long()], recv_counts, send_counts, group=group)
+        torch.testing.assert_close(grad_y, arrived_copies[recv_index.long()], rtol=0, atol=0)
 
         torch.cuda.synchronize()
         handle = comm.handle

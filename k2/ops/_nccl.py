@@ -23,8 +23,10 @@ host synchronisation) and computed two int32 index tensors:
 ``ncclGroupStart/End``, and unpack, all on torch's current stream; :func:`combine` runs the reverse exchange and
 sums each token's rows with its routing weights in fp32 (``out[t] = sum_k w[t, k] * y_copy(t, k)``; a copy not in
 ``send_copy`` adds nothing). Buffers are allocated here by torch; the kernels allocate nothing. Neither function is
-differentiable by itself: the backward of dispatch is combine with unit weights, and the backward of combine is a
-dispatch of ``w * grad_out`` rows plus a local dot product for the weights' gradient (the op layer composes them).
+differentiable by itself; the op layer composes the gradients from the same two calls: the backward of dispatch is
+combine with unit weights (each token sums its K copies' gradients); the backward of combine is a dispatch of the
+``[T*K, D]`` rows ``w[t, k] * grad_out[t]`` (``top_k=1``, the same ``send_copy``) plus, for the weights, a local dot
+product with the rows that came back (``combine(..., return_rows=True)``).
 """
 
 from __future__ import annotations
@@ -250,7 +252,8 @@ def combine(
     recv_counts: Sequence[int],
     recv_index: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_rows: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Return expert outputs to their tokens over NCCL and sum them. Collective over ``comm``'s group.
 
     Args:
@@ -259,10 +262,12 @@ def combine(
             counts are swapped here).
         num_tokens: ``T``.
         weights: ``[T, K]`` fp32/bf16/fp16 routing weights, or None for 1.
+        return_rows: also return the rows that came back, ``[S, D]`` (row ``i`` answers ``send_copy[i]``), which
+            the gradient of ``weights`` needs: ``d weights[t, k] = <grad_out[t], y_copy(t, k)>``.
 
     Returns:
         ``[T, D]`` in ``y``'s dtype: ``out[t] = sum_k weights[t, k] * y_copy(t, k)`` accumulated in fp32 in k order;
-        a copy absent from ``send_copy`` adds nothing.
+        a copy absent from ``send_copy`` adds nothing. With ``return_rows``, ``(out, rows)``.
     """
     comm._check(y.device, "combine")
     y = y.contiguous()
@@ -285,4 +290,4 @@ def combine(
         _counts(recv_counts),
         workspace=("nccl_combine_workspace_size", (num_tokens, top_k)),
     )
-    return out
+    return (out, recv_buf) if return_rows else out
