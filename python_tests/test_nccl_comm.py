@@ -9,11 +9,20 @@ on that group — exactly for the rows (they move as bytes), within fp32-accumul
 including the calls the gradients are made of (unit-weight combine, per-copy rows dispatched with top_k = 1, the
 rows a combine brings back).
 Routings include a rank that receives no rows and copies that are dropped (absent from ``send_copy``).
+
+The choice of exchange in ``k2.ops.ep_dispatch`` / ``ep_combine`` (``k2.ops.comm._exchange_path``) is tested
+everywhere with ``_nccl.available``, the group's back end and the cross-rank gather replaced by stand-ins (a
+``torch.device("cuda", 0)`` is only a device name here; nothing runs on it). With 2 GPUs, ``ep_dispatch`` /
+``ep_combine`` on an NCCL group take the native path and equal the ``all_to_all_single`` path (``K2_OPS=reference``)
+in outputs and gradients.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import types
+import warnings
 
 import pytest
 import torch
@@ -21,9 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import k2.ops
-from k2.ops import _native, _nccl
+from k2.ops import _native, _nccl, comm, ep_combine, ep_dispatch, moe_permute
 
 C = _native.native()
+REAL_AVAILABLE = _nccl.available
 needs_native = pytest.mark.skipif(C is None, reason="k2._C is not built")
 
 
@@ -88,6 +98,121 @@ def test_unknown_communicator_handle_is_an_argument_error():
     with pytest.raises(ValueError, match="argument 'comm': no live NCCL communicator has handle 12345"):
         C.nccl_comm_info(12345)
     assert 12345 not in C.nccl_live_communicators()
+
+
+# ---- choosing the exchange (everywhere) -----------------------------------------------------------------------
+
+CUDA0 = torch.device("cuda", 0)  # a device name only: the choice never touches the device
+NCCL_OK = (True, "NCCL 2.99.9 from /opt/libnccl.so.2")
+NO_NCCL = (False, "libnccl.so.2: cannot open shared object file")
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """A 2-rank stand-in group whose back end, availability and cross-rank answers the test sets; fresh caches."""
+    state = types.SimpleNamespace(backend="nccl", mine=NCCL_OK, other=NCCL_OK, gathers=0)
+    pg = types.SimpleNamespace(group_name="ep-test", size=lambda: 2, rank=lambda: 0)
+
+    def gather(group, device, status):
+        assert group is pg and device == CUDA0
+        state.gathers += 1
+        return [status, state.other]
+
+    monkeypatch.setattr(comm, "_backend_name", lambda group: state.backend)
+    monkeypatch.setattr(comm, "_gather_status", gather)
+    monkeypatch.setattr(_nccl, "available", lambda: state.mine)
+    monkeypatch.setattr(comm, "_NATIVE_STATUS", {})
+    monkeypatch.setattr(comm, "_warned_fallback", False)
+    monkeypatch.delenv("K2_OPS", raising=False)
+    state.pg = pg
+    return state
+
+
+def _path(choice, device=CUDA0, dtypes=(torch.bfloat16,), top_k=8) -> tuple[str, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = comm._exchange_path(choice.pg, device, dtypes, top_k)
+    return path, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_native_path_when_cuda_nccl_group_and_available(choice):
+    assert _path(choice) == ("nccl", [])
+    assert _path(choice, dtypes=(torch.float32, torch.float16)) == ("nccl", [])
+    choice.backend = "cpu:gloo,cuda:nccl"  # a group with a back end per device type
+    assert _path(choice) == ("nccl", [])
+    assert choice.gathers == 1  # availability is agreed once per (group, device), then cached
+
+
+def test_no_group_is_the_local_path(choice):
+    assert comm._exchange_path(None, CUDA0, (torch.float32,), 8) == "local"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["cpu_tensors", "gloo_group", "k2_ops_reference", "float64", "top_k_0"],
+)
+def test_all_to_all_path_without_a_warning(choice, monkeypatch, setting):
+    """Where the native path does not apply (or K2_OPS=reference asks for the reference), all_to_all_single runs
+    silently and NCCL availability is not even asked."""
+    kwargs = {}
+    if setting == "cpu_tensors":
+        kwargs["device"] = torch.device("cpu")
+    elif setting == "gloo_group":
+        choice.backend = "gloo"
+    elif setting == "k2_ops_reference":
+        monkeypatch.setenv("K2_OPS", "reference")
+    elif setting == "float64":
+        kwargs["dtypes"] = (torch.float32, torch.float64)  # e.g. fp64 routing weights in ep_combine
+    else:
+        kwargs["top_k"] = 0
+    choice.mine = NO_NCCL  # would warn if it were asked
+    assert _path(choice, **kwargs) == ("all_to_all", [])
+    assert choice.gathers == 0
+
+
+def test_unavailable_native_path_falls_back_and_warns_once(choice):
+    choice.mine = choice.other = NO_NCCL
+    path, caught = _path(choice)
+    assert path == "all_to_all"
+    assert len(caught) == 1 and NO_NCCL[1] in caught[0] and "all_to_all_single" in caught[0]
+    assert _path(choice) == ("all_to_all", [])  # said once per process
+    assert _path(choice, dtypes=(torch.float32, torch.float32)) == ("all_to_all", [])  # ep_combine's call too
+    assert choice.gathers == 1  # every rank took part in the one agreement, even without NCCL
+
+
+def test_a_rank_without_nccl_sends_every_rank_to_all_to_all(choice):
+    choice.other = (False, "torch sees no CUDA device")  # group rank 1 cannot run the native path
+    path, caught = _path(choice)
+    assert path == "all_to_all"
+    assert len(caught) == 1 and "group rank 1" in caught[0] and "no CUDA device" in caught[0]
+
+
+def test_this_machines_reason_is_quoted(choice):
+    """Where the native path cannot run here, the warning quotes _nccl.available()'s real reason."""
+    status = REAL_AVAILABLE()
+    if status[0]:
+        pytest.skip("the native NCCL path is available here")
+    choice.mine = choice.other = status
+    _, caught = _path(choice)
+    assert len(caught) == 1 and status[1] in caught[0]
+
+
+@pytest.mark.parametrize("shape", [(13, 3), (1, 1), (0, 4), (40, 8)])
+def test_route_equals_moe_permute(shape):
+    """The native path sorts the routing without moving rows; it must give moe_permute's row_map and counts."""
+    g = torch.Generator().manual_seed(shape[0])
+    num_experts = 8
+    ids = torch.rand(shape[0], num_experts, generator=g).argsort(1)[:, : shape[1]]
+    row_map, counts = comm._route(ids, num_experts)
+    _, expected_map, offsets = moe_permute(torch.zeros(shape[0], 2), ids, num_experts)
+    assert row_map.dtype == torch.int32 and torch.equal(row_map, expected_map)
+    assert counts.dtype == torch.int64 and torch.equal(counts.cumsum(0).to(torch.int32), offsets)
+
+
+def test_route_does_not_count_ids_out_of_range():
+    ids = torch.tensor([[0, 8], [-1, 3]])
+    row_map, counts = comm._route(ids, 8)
+    assert int(counts.sum()) == 2 and row_map[:2].tolist() == [0, 3]
 
 
 # ---- two GPUs ----------------------------------------------------------------------------------------------
@@ -231,3 +356,86 @@ def test_native_dispatch_combine_on_one_gpu(dtype):
     if reason is not None:
         pytest.skip(reason)
     mp.spawn(_worker, args=(1, _free_port(), "dropped_copies", dtype), nprocs=1, join=True)
+
+
+# ---- ep_dispatch / ep_combine on 2 GPUs: the native path against the all_to_all_single path ------------------
+
+EP_CASES = (  # (routing, E): E = 8 gives 4 local experts (rows regrouped), E = 2 one (arrival order)
+    ("uniform", 8),
+    ("rank1_receives_nothing", 8),
+    ("rank1_has_no_tokens", 8),
+    ("uniform", 2),
+)
+
+
+def _ep_inputs(rank: int, world: int, routing: str, num_experts: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator().manual_seed(100 + rank)
+    tokens = 0 if routing == "rank1_has_no_tokens" and rank == 1 else T
+    top_k = min(K, num_experts)
+    scores = torch.rand(tokens, num_experts, generator=g)
+    if routing == "rank1_receives_nothing":
+        scores[:, num_experts // world :] = -1.0  # only rank 0's experts are chosen
+    ids = scores.topk(top_k, dim=1).indices
+    x = torch.randn(tokens, D, generator=g).to(dtype)
+    w = torch.rand(tokens, top_k, generator=g)
+    c = torch.randn(tokens, D, generator=g).to(dtype)
+    return x.to(device), ids.to(device), w.to(device), c.to(device)
+
+
+def _ep_run(x0, ids, w0, c, num_experts, group) -> dict:
+    """Dispatch, experts that scale their rows by (1 + local expert index), combine, backward of <c, out>."""
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    recv_x, offsets, handle = ep_dispatch(x, ids, num_experts, group)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+    scale = torch.repeat_interleave(
+        1.0 + torch.arange(counts.numel(), device=x.device), counts, output_size=recv_x.shape[0]
+    )
+    y = (recv_x.float() * scale[:, None]).to(recv_x.dtype)
+    out = ep_combine(y, handle, w)
+    out.backward(c)
+    return dict(path=handle.path, recv_x=recv_x.detach(), offsets=offsets, out=out.detach(), dx=x.grad, dw=w.grad)
+
+
+def _ep_worker(rank: int, world: int, port: int) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for dtype in (torch.bfloat16, torch.float32):
+                tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+                for routing, num_experts in EP_CASES:
+                    inputs = _ep_inputs(rank, world, routing, num_experts, dtype, device)
+                    os.environ.pop("K2_OPS", None)
+                    native = _ep_run(*inputs, num_experts, None)
+                    os.environ["K2_OPS"] = "reference"  # all_to_all_single on the same NCCL group
+                    try:
+                        ref = _ep_run(*inputs, num_experts, None)
+                    finally:
+                        os.environ.pop("K2_OPS", None)
+                    where = f"rank {rank}, {routing}, E={num_experts}, {dtype}"
+                    assert (native["path"], ref["path"]) == ("nccl", "all_to_all"), where
+                    assert torch.equal(native["recv_x"], ref["recv_x"]), where  # rows move as bytes
+                    assert torch.equal(native["offsets"], ref["offsets"]), where
+                    if routing == "rank1_receives_nothing" and rank == 1:
+                        assert native["recv_x"].shape[0] == 0
+                    torch.testing.assert_close(native["out"], ref["out"], **tol, msg=where)
+                    torch.testing.assert_close(native["dx"], ref["dx"], **tol, msg=where)
+                    torch.testing.assert_close(native["dw"], ref["dw"], rtol=1e-4, atol=1e-4, msg=where)
+            torch.cuda.synchronize()
+        fallbacks = [str(w.message) for w in caught if "native NCCL path is unavailable" in str(w.message)]
+        assert not fallbacks, fallbacks
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.multiproc
+def test_ep_dispatch_combine_native_path_equals_all_to_all_single():
+    """ep_dispatch/ep_combine on an NCCL group of 2 GPUs choose the native path, and its outputs and gradients
+    (x, routing weights) equal those of the all_to_all_single path (K2_OPS=reference) on the same inputs."""
+    reason = _skip_reason(2)
+    if reason is not None:
+        pytest.skip(reason)
+    mp.spawn(_ep_worker, args=(2, _free_port()), nprocs=2, join=True)

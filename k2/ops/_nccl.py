@@ -25,8 +25,18 @@ sums each token's rows with its routing weights in fp32 (``out[t] = sum_k w[t, k
 ``send_copy`` adds nothing). Buffers are allocated here by torch; the kernels allocate nothing. Neither function is
 differentiable by itself; the op layer composes the gradients from the same two calls: the backward of dispatch is
 combine with unit weights (each token sums its K copies' gradients); the backward of combine is a dispatch of the
-``[T*K, D]`` rows ``w[t, k] * grad_out[t]`` (``top_k=1``, the same ``send_copy``) plus, for the weights, a local dot
-product with the rows that came back (``combine(..., return_rows=True)``).
+``[T*K, D]`` rows ``w[t, k] * grad_out[t]`` (``top_k=1``, the same ``send_copy``) — or, as ``k2.ops.comm`` does it
+without that copy, a dispatch of ``grad_out`` itself with each send row's weight as an extra lane, multiplied on the
+receiving rank — plus, for the weights, a local dot product with the rows that came back
+(``combine(..., return_rows=True)``).
+
+Users: ``k2.ops.ep_dispatch`` / ``ep_combine`` (``k2/ops/comm.py``) choose this path for CUDA tensors on an NCCL
+process group when :func:`available` holds on every rank (else ``all_to_all_single``, with a one-time warning that
+quotes :func:`available`'s reason), and call it through the custom ops ``k2::ep_nccl_dispatch``,
+``k2::ep_nccl_combine`` and ``k2::ep_nccl_dispatch_scaled``: ``send_copy`` is ``EpHandle.row_map`` (int32, sorted by
+expert, hence by owner rank), ``recv_index`` is ``EpHandle.recv_order`` (int32; None with one local expert), the
+counts are ``EpHandle.send_splits`` / ``recv_splits``, and the communicator is :func:`communicator_for` of the EP
+group on the tensors' device.
 """
 
 from __future__ import annotations
