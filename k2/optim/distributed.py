@@ -17,7 +17,8 @@ Deviation from Moonlight: it gathers every matrix to every rank and runs Newton-
 one owner per matrix and scattering back moves the same bytes and divides the Newton-Schulz work by W.
 The result equals single-process Muon up to the summation order of the gradient average. Collective calls are
 identical on every rank, so all ranks must pass the same parameters, in the same order, with gradients present on
-the same ones.
+the same ones. An optimizer may hold several ``Zero1`` (one per param group ``process_group``: expert-parallel stacks
+are sharded over the ranks that hold the same experts, not over dp); each runs the step above for its parameters.
 """
 
 from __future__ import annotations

@@ -133,7 +133,9 @@ class Muon(Optimizer):
         adjust_lr_fn: ``None``/``"original"`` (lr·sqrt(max(1, A/B))) or ``"match_rms_adamw"`` (lr·0.2·sqrt(max(A, B))).
         ns_steps, ns_coefficients, eps: Newton-Schulz settings (``k2.ops.newton_schulz``).
         process_group: a data-parallel group: run ZeRO-1 distributed Muon (``k2.optim.distributed``); every rank
-            must construct the optimizer over the same parameters in the same order.
+            must construct the optimizer over the same parameters in the same order. A param group may set its own
+            ``process_group`` (None: local, unsharded): expert parallelism shards expert stacks over the ranks that
+            hold the same experts. It is kept out of ``param_groups`` (a process group is not state).
         reduce_gradients: with ``process_group``, average the gradients over the group inside ``step()`` (set
             False when they are already averaged, e.g. by DDP).
     """
@@ -164,10 +166,24 @@ class Muon(Optimizer):
             eps=eps,
         )
         self._check_hyperparameters(type(self).__name__, defaults)
+        self._reduce_gradients = reduce_gradients
+        self._zeros: dict[int, Any] = {}  # Zero1 (or None) by id of its process group
+        self._zero_of: dict[torch.Tensor, Any] = {}  # each parameter's Zero1 (or None for a local update)
+        self._zero = self._zero_for(process_group)
         super().__init__(params, defaults)  # validates each group through add_param_group
+
+    def _zero_for(self, group: Any) -> Any:
+        """One ``Zero1`` per process group (None for no group or a group of one rank)."""
         from k2.optim.distributed import Zero1  # here: distributed imports this module
 
-        self._zero = Zero1.create(process_group, reduce_gradients)
+        if id(group) not in self._zeros:
+            self._zeros[id(group)] = Zero1.create(group, self._reduce_gradients)
+        return self._zeros[id(group)]
+
+    def zero1_of(self, param: torch.Tensor) -> Any:
+        """The ZeRO-1 sharding that updates ``param`` (its group's ``process_group``, else the optimizer's), or
+        None when ``param`` is updated locally."""
+        return self._zero_of.get(param, self._zero)
 
     @property
     def zero1(self) -> Any:
@@ -179,9 +195,13 @@ class Muon(Optimizer):
         """``torch.optim.Optimizer.add_param_group`` after the checks every group gets, at construction or later:
         hyperparameters in range, and only matrices ``[..., A, B]`` in a Muon group."""
         name = type(self).__name__
+        param_group = dict(param_group)
+        zero = self._zero_for(param_group.pop("process_group")) if "process_group" in param_group else self._zero
         self._check_hyperparameters(name, param_group)
         params = param_group["params"]
         entries = [params] if isinstance(params, torch.Tensor) else list(params)
+        for entry in entries:
+            self._zero_of[entry[1] if isinstance(entry, tuple) else entry] = zero
         if self._is_muon_group({**self.defaults, **param_group}):
             for entry in entries:
                 p = entry[1] if isinstance(entry, tuple) else entry
@@ -208,7 +228,7 @@ class Muon(Optimizer):
         return True
 
     def _muon_step(self) -> None:
-        params, grads, bufs, groups = [], [], [], []
+        params, grads, groups = [], [], []
         for group in self.param_groups:
             if not self._is_muon_group(group):
                 continue
@@ -222,9 +242,21 @@ class Muon(Optimizer):
                 params.append(p)
                 grads.append(p.grad)
                 groups.append(group)
-        if self._zero is not None:
-            self._zero.muon_step(self, params, grads, groups)
-            return
+        parts: dict[int, list[int]] = {}  # parameters by their Zero1, in first-appearance order (same on every rank)
+        for i, p in enumerate(params):
+            parts.setdefault(id(self.zero1_of(p)), []).append(i)
+        for idx in parts.values():
+            zero = self.zero1_of(params[idx[0]])
+            sub = ([params[i] for i in idx], [grads[i] for i in idx], [groups[i] for i in idx])
+            if zero is not None:
+                zero.muon_step(self, *sub)
+            else:
+                self._local_muon_step(*sub)
+
+    def _local_muon_step(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], groups: list[dict[str, Any]]
+    ) -> None:
+        bufs = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:

@@ -80,7 +80,8 @@ class MuonClip(Muon):
         qk_clip_tau: τ; None turns QK-Clip off.
         attention: the attention modules to clip, in layer order (``k2.optim.qk_clip`` protocol); ``from_model``
             finds them.
-        process_group, reduce_gradients: ZeRO-1 data parallelism (``k2.optim.distributed``).
+        process_group, reduce_gradients: ZeRO-1 data parallelism (``k2.optim.distributed``); a param group may
+            set its own ``process_group`` (``k2.optim.Muon``). QK-Clip's max logits are reduced over the optimizer's.
     """
 
     def __init__(
@@ -152,9 +153,10 @@ class MuonClip(Muon):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if self._zero is not None:
-                grads = self._zero.grad_shards(params, grads)
-                targets = [self._zero.shard(p) for p in params]
+            zero = self.zero1_of(params[0])  # one process group per param group
+            if zero is not None:
+                grads = zero.grad_shards(params, grads)
+                targets = [zero.shard(p) for p in params]
             else:
                 targets = params
             exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -184,8 +186,8 @@ class MuonClip(Muon):
                 eps=group["adamw_eps"],
                 maximize=False,
             )
-            if self._zero is not None:
-                self._zero.all_gather_params(params)
+            if zero is not None:
+                zero.all_gather_params(params)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -35,17 +35,25 @@ def batch_rows(batch_size: int, par: ParallelState) -> slice:
 
 
 @torch.no_grad()
-def average_gradients(params: Sequence[torch.Tensor], group: Any) -> None:
-    """Replace each ``p.grad`` by its mean over ``group`` (no-op for None); a missing gradient counts as zeros, so
-    every rank holds a gradient for every parameter afterwards and the optimizer's collectives line up."""
-    if group is None:
+def average_gradients(params: Sequence[torch.Tensor], group: Any, divisor: int | None = None) -> None:
+    """Replace each ``p.grad`` by its sum over ``group`` divided by ``divisor`` (default: the group's size, the
+    mean; no-op when both are None; ``group=None`` with a divisor only divides). A missing gradient counts as zeros,
+    so every rank holds a gradient for every parameter afterwards and the optimizer's collectives line up.
+
+    Expert parallelism: an expert gradient already sums its EP group's slices, so it is summed over the
+    expert-replica group and divided by dp (``k2.parallel.expert``)."""
+    if group is None and divisor is None:
         return
-    world = dist.get_world_size(group)
+    world = divisor or dist.get_world_size(group)
     by_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype[(p.grad.dtype, p.grad.device)].append(p.grad)
+    if group is None:
+        for grads in by_dtype.values():
+            torch._foreach_div_(grads, world)
+        return
     for grads in by_dtype.values():
         bucket: list[torch.Tensor] = []
         size = 0
@@ -59,6 +67,19 @@ def average_gradients(params: Sequence[torch.Tensor], group: Any) -> None:
                 for b, piece in zip(bucket, flat.split([b.numel() for b in bucket]), strict=True):
                     b.copy_(piece.view_as(b))
                 bucket, size = [], 0
+
+
+def global_grad_norm(
+    dense: Sequence[torch.Tensor], expert: Sequence[torch.Tensor], ep_group: Any = None
+) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient: ``dense`` (replicated, counted once) and ``expert`` (this rank's
+    slice of the expert stacks; the squares are summed over the EP group, whose ranks hold disjoint experts)."""
+    if ep_group is None:
+        return torch.nn.utils.get_total_norm([*dense, *expert], foreach=True)
+    dense_sq = torch.nn.utils.get_total_norm(dense, foreach=True).double().square()
+    expert_sq = torch.nn.utils.get_total_norm(expert, foreach=True).double().square()
+    dist.all_reduce(expert_sq, group=ep_group)
+    return (dense_sq + expert_sq).sqrt().float()
 
 
 def all_reduce(t: torch.Tensor, group: Any, op: str = "sum") -> torch.Tensor:

@@ -10,7 +10,12 @@ per parameter. A single process saves its full state flattened; a ZeRO-1 sharded
 (built with ``process_group``, ``k2.optim.distributed``) saves each rank's chunk as a ``Shard(0)`` DTensor of that
 flat tensor, which is exactly its layout (the chunks of ``ceil(numel / W)`` elements of the flattened parameter),
 so no rank gathers anything. DCP then loads a checkpoint into any world size: 2 ranks → 1 process, 1 → 4, etc.
-Model parameters are replicated in data parallelism; DCP writes one copy. ``trainer_state`` (schedule, data
+Expert parallelism (``k2.parallel.expert``): an EP rank's expert stacks ``[E/ep, ...]`` are saved as ``Shard(0)``
+DTensors of the global ``[E, ...]`` stack over the EP group, and their optimizer state as ``Shard(0)`` DTensors of the
+global flat tensor (over the EP group, or a 2-D ``(ep, ep_replica)`` mesh when ZeRO-1 also chunks them over the
+expert-replica group: the expert dim is outermost, so EP rank r's block is ``[r·n, (r+1)·n)`` and ZeRO-1 chunks it),
+so an EP checkpoint loads in one process and the reverse. Model parameters are replicated in data parallelism; DCP
+writes one copy. ``trainer_state`` (schedule, data
 position, counters) must be the same on every rank and is written once. RNG states are per rank (``rng.rankR``):
 rank R resumes rank R's generators; a rank beyond the saved world size keeps its own (a warning says so).
 
@@ -54,6 +59,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from k2.errors import CheckpointError
+from k2.parallel.expert import ExpertShard, expert_shards
 
 CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
@@ -155,46 +161,109 @@ def _describe(e: BaseException | None) -> str | None:
     return None if e is None else f"{type(e).__name__}: {e}"
 
 
-def _zero1(optimizer: torch.optim.Optimizer) -> Any:
-    """The ZeRO-1 sharding of a ``k2.optim.Muon``/``MuonClip`` built with a process group, else None."""
+def _zero1_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Any:
+    """The ZeRO-1 sharding that updates ``param`` in a ``k2.optim.Muon``/``MuonClip`` built with a process group,
+    else None."""
     from k2.optim.distributed import Zero1
 
-    zero = getattr(optimizer, "zero1", None)
+    zero_of = getattr(optimizer, "zero1_of", None)
+    zero = zero_of(param) if zero_of is not None else None
     return zero if isinstance(zero, Zero1) else None
 
 
+class _Meshes:
+    """Device meshes for the saved DTensors, one per layout: a ZeRO-1 group, an EP group, or both — a 2-D
+    ``(ep, ep_replica)`` mesh whose entry ``[r, q]`` is the rank with EP rank r in replica q (flat index
+    ``r·n + q·chunk`` in the global flat state: the expert dim is outermost, ZeRO-1 chunks the local block)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], Any] = {}
+
+    def __call__(self, zero: Any, ep: ExpertShard | None, device_type: str) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        key = (id(zero.group) if zero is not None else 0, id(ep.group) if ep is not None else 0)
+        if key not in self._cache:
+            if ep is None:
+                self._cache[key] = DeviceMesh.from_group(zero.group, device_type)
+            elif zero is None:
+                self._cache[key] = DeviceMesh.from_group(ep.group, device_type)
+            else:
+                ep_ranks = torch.tensor(dist.get_process_group_ranks(ep.group))  # [ep] global ranks of my replica
+                replica_ranks = torch.tensor(dist.get_process_group_ranks(zero.group))  # [dp/ep] of my EP rank
+                mesh = ep_ranks[:, None] - dist.get_rank() + replica_ranks[None, :]  # [ep, dp/ep]
+                self._cache[key] = DeviceMesh.from_group(
+                    [ep.group, zero.group], device_type, mesh=mesh, mesh_dim_names=("ep", "ep_replica")
+                )
+        return self._cache[key]
+
+
+def _model_to_saved(model_sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Expert-parallel stacks as ``Shard(0)`` DTensors of the global ``[E, ...]`` stack over the EP group (each EP
+    rank writes its experts once; the expert-replica ranks hold copies, which DCP writes once)."""
+    experts = expert_shards(model)
+    if not experts:
+        return model_sd
+    from torch.distributed.tensor import DTensor, Shard
+
+    meshes = _Meshes()
+    out = dict(model_sd)
+    for fqn, ep in experts.items():
+        local = model_sd[fqn]
+        shape = ep.global_shape(local.shape)
+        mesh = meshes(None, ep, local.device.type)
+        out[fqn] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=_stride(shape))
+    return out
+
+
+def _stride(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _from_saved(state: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
 def _optim_to_saved(optim_sd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The checkpoint form of an optimizer state dict: each per-parameter state tensor as a flat ``[numel]`` view (a
-    ``Shard(0)`` DTensor of it for ZeRO-1 state); 0-dim tensors (Adam's ``step``) and other values as they are.
-    New dicts: ``optim_sd``'s per-parameter dicts are the optimizer's own."""
+    """The checkpoint form of an optimizer state dict: each per-parameter state tensor as a flat ``[numel]`` view of
+    the global (one-process) tensor — a ``Shard(0)`` DTensor of it for ZeRO-1 or expert-parallel state; 0-dim
+    tensors (Adam's ``step``) and other values as they are. New dicts: ``optim_sd``'s per-parameter dicts are the
+    optimizer's own."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    zero = _zero1(optimizer)
-    mesh = None
+    experts = expert_shards(model)
+    meshes = _Meshes()
 
     def convert(fqn: str, key: str, value: Any) -> Any:
-        nonlocal mesh
         p = params[fqn]
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             return value
-        if zero is None:
+        zero, ep = _zero1_of(optimizer, p), experts.get(fqn)
+        if zero is None and ep is None:
             return value.reshape(-1) if value.shape == p.shape else value
-        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        if value.shape != (zero.shard(p).numel(),):
+        expected = zero.shard(p).numel() if zero is not None else p.numel()
+        if value.numel() != expected or (zero is not None and value.dim() != 1):
             raise CheckpointError(
-                f"optimizer state {fqn}.{key} has shape {list(value.shape)}, not this rank's ZeRO-1 chunk of "
-                f"{zero.shard(p).numel()} elements"
+                f"optimizer state {fqn}.{key} has shape {list(value.shape)}, not this rank's "
+                f"{'ZeRO-1 chunk' if zero is not None else 'expert slice'} of {expected} elements"
             )
-        mesh = mesh or DeviceMesh.from_group(zero.group, value.device.type)
-        return DTensor.from_local(value, mesh, [Shard(0)], run_check=False, shape=torch.Size([p.numel()]), stride=(1,))
+        numel = p.numel() * (ep.size if ep is not None else 1)  # of the global flat tensor
+        mesh = meshes(zero, ep, value.device.type)
+        placements = [Shard(0)] * mesh.ndim
+        return DTensor.from_local(
+            value.reshape(-1), mesh, placements, run_check=False, shape=torch.Size([numel]), stride=(1,)
+        )
 
     state = {fqn: {k: convert(fqn, k, v) for k, v in entry.items()} for fqn, entry in optim_sd.get("state", {}).items()}
     return {**optim_sd, "state": state}
 
 
-def _optim_from_saved(optim_sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-    """Undo ``_optim_to_saved`` on the loaded state: local chunks for ZeRO-1, the parameter's shape otherwise."""
+def _optim_from_saved(optim_sd: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Undo ``_optim_to_saved`` on the loaded state: local chunks for ZeRO-1, the (local) parameter's shape
+    otherwise."""
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -202,7 +271,8 @@ def _optim_from_saved(optim_sd: dict[str, Any], model: nn.Module) -> dict[str, A
     def convert(fqn: str, value: Any) -> Any:
         p = params[fqn]
         if isinstance(value, DTensor):
-            return value.to_local()
+            value = value.to_local()
+            return value if _zero1_of(optimizer, p) is not None else value.view(p.shape)
         if isinstance(value, torch.Tensor) and value.dim() == 1 and p.dim() != 1 and value.numel() == p.numel():
             return value.view(p.shape)
         return value
@@ -255,7 +325,7 @@ def save_checkpoint(
     try:  # every rank writes its shards into the one directory rank 0 made
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {
-            "model": model_sd,
+            "model": _model_to_saved(model_sd, model),
             "optim": _optim_to_saved(optim_sd, model, optimizer),
             "trainer": trainer_state,
             "rng": {f"rank{_rank()}": rng_state()},
@@ -323,7 +393,10 @@ def check_shapes(path: str | os.PathLike[str], model: nn.Module, metadata: Any =
         for k, v in metadata.state_dict_metadata.items()
         if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
     }
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    experts = expert_shards(model)  # compared at their global shape
+    mine = {
+        k: tuple(experts[k].global_shape(v.shape) if k in experts else v.shape) for k, v in model.state_dict().items()
+    }
     for name, shape in mine.items():
         if name not in saved:
             raise CheckpointError(f"checkpoint {path} is of a different model: it has no tensor {name}")
@@ -354,7 +427,11 @@ def load_checkpoint(
     check_shapes(path, model, metadata)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     optim_sd = _optim_to_saved(optim_sd, model, optimizer)
-    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd, "trainer": dict(trainer_template)}
+    state: dict[str, Any] = {
+        "model": _model_to_saved(model_sd, model),
+        "optim": optim_sd,
+        "trainer": dict(trainer_template),
+    }
     rng_key = f"rank{_rank()}"
     has_rng = any(k.startswith(f"rng.{rng_key}.") for k in metadata.state_dict_metadata)
     if has_rng:
@@ -369,8 +446,8 @@ def load_checkpoint(
             dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not dist.is_initialized())
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[-1]}") from None
-    optim_sd = _optim_from_saved(state["optim"], model)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd)
+    optim_sd = _optim_from_saved(state["optim"], model, optimizer)
+    set_state_dict(model, optimizer, model_state_dict=_from_saved(state["model"]), optim_state_dict=optim_sd)
     if has_rng:
         set_rng_state(state["rng"][rng_key])
     return dict(state["trainer"])

@@ -363,8 +363,6 @@ def validate_parallel(config: TrainConfig, world_size: int | None = None) -> Non
         )
     if experts % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide model.n_routed_experts={experts} (E/ep experts per rank)")
-    if p.ep > 1:
-        raise ConfigError(f"parallel.ep={p.ep}: expert parallelism is not available yet; use parallel.ep=1")
     if config.train.batch_size % p.dp:
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} is the global batch and must be a multiple of "

@@ -14,7 +14,10 @@ One optimizer step:
 
 The run is deterministic on a given machine: initialisation from ``train.seed``, the data order from
 ``data.seed`` and the saved position, and no other randomness, so ``--resume`` from a checkpoint reproduces the
-uninterrupted run's losses bit for bit (tested). At the end: a final evaluation and checkpoint, the Hugging Face
+uninterrupted run's losses bit for bit (tested). Under torchrun (``[parallel]``) each rank trains its slice of the
+global batch; with ``ep > 1`` the MoE experts are split over the expert-parallel group (``k2.parallel.expert``),
+expert gradients are summed over the expert-replica group and divided by dp, and the clipping norm adds the EP
+ranks' expert norms² to the replicated dense norm². At the end: a final evaluation and checkpoint, the Hugging Face
 export (``RUN_DIR/hf``: safetensors, ``config.json`` and the tokenizer, loadable by ``k2 chat``), PNG plots and
 ``summary.json``.
 """
@@ -37,8 +40,10 @@ from k2.data import packing
 from k2.errors import ConfigError, K2Error
 from k2.model import ModelConfig, Transformer, count_parameters, save_hf
 from k2.optim import MuonClip
+from k2.optim.qk_clip import find_attention
 from k2.parallel import ParallelState, init_parallel, local_rank_from_env, world_size_from_env
 from k2.parallel import data_parallel as dpar
+from k2.parallel.expert import apply_expert_parallel, gathered_experts, split_expert_parameters
 from k2.train import checkpoint as ckpt
 from k2.train.config import CONFIG_FILE, TrainConfig, lr_schedule, validate_parallel
 from k2.train.data import TrainData, baseline_loss, build_data, eval_sequences
@@ -86,21 +91,29 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def build_optimizer(model: Transformer, config: TrainConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
-    """AdamW (replicated over dp) or MuonClip, ZeRO-1 over the dp group; gradients arrive averaged over dp
-    (``train_step``), so MuonClip does not reduce them again."""
+    """AdamW (replicated over dp) or MuonClip, ZeRO-1 over the dp group and, for expert-parallel stacks, over the
+    expert-replica group (the ranks holding the same experts); gradients arrive reduced (``train_step``), so
+    MuonClip does not reduce them again. The parameter groups are the same with or without parallelism (dense,
+    then experts), so a checkpoint loads at any layout."""
     o = config.optim
     if o.name == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    return MuonClip.from_model(
-        model,
+    par = par or ParallelState()
+    dense, experts = split_expert_parameters(model)
+    groups: list[dict[str, Any]] = [{"params": dense}]
+    if experts:
+        groups.append({"params": experts, "process_group": par.expert_replica_group if par.ep > 1 else par.dp_group})
+    return MuonClip(
+        groups,
+        attention=find_attention(model),
         lr=o.lr,
         weight_decay=o.weight_decay,
         qk_clip_tau=o.qk_clip_tau or None,
         momentum=o.momentum,
         betas=o.betas,
         adamw_eps=o.eps,
-        process_group=par.dp_group if par is not None else None,
+        process_group=par.dp_group,
         reduce_gradients=False,
     )
 
@@ -137,14 +150,20 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(packing.eval_batches(heldout, batch_size, max_sequences=num_sequences)):
-        if i % par.dp != par.dp_rank:
-            continue
+    batches = list(packing.eval_batches(heldout, batch_size, max_sequences=num_sequences))
+    for first in range(0, len(batches), par.dp):  # rounds of dp batches
+        i = first + par.dp_rank
+        if i >= len(batches) and par.ep_group is None:
+            break
+        # Expert parallelism: the exchange is collective, so a rank without a batch in the last round runs the
+        # round's first one and discards it.
+        x, y = batches[i if i < len(batches) else first]
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model.loss(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
+        if i < len(batches):
+            total += float(loss) * y.numel()
+            count += y.numel()
     model.train(was_training)
     if par.dp_group is not None:
         sums = dpar.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device), par.dp_group)
@@ -189,15 +208,21 @@ def train_step(
         micro_load = model.expert_load()
         load = micro_load if load is None else load + micro_load
     max_logits = model.max_attention_logits()  # [L, H], running max over the micro-batches
+    dense, experts = ([p for _, p in named] for named in split_expert_parameters(model))
     if par.dp_group is not None:
         loss_sum = dpar.all_reduce(loss_sum, par.dp_group) / par.dp  # mean of equal-sized slices' means
         load = dpar.all_reduce(load, par.dp_group) if load is not None else None
         max_logits = dpar.all_reduce(max_logits, par.dp_group, op="max")  # MuonClip reduces its own copy too
-        dpar.average_gradients([p for p in model.parameters() if p.requires_grad], par.dp_group)
+        dpar.average_gradients(dense, par.dp_group)
+        # Expert gradients already sum their EP group's slices: sum over the replicas, divide by dp.
+        dpar.average_gradients(experts, par.expert_replica_group, divisor=par.dp)
     loss_value = float(loss_sum) / accum
 
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if par.ep_group is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    else:
+        grad_norm = dpar.global_grad_norm([p.grad for p in dense], [p.grad for p in experts], par.ep_group)
     finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
     if finite and config.optim.grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, config.optim.grad_clip, grad_norm, foreach=True)
@@ -294,6 +319,7 @@ def _pretrain_ranks(
 
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank
         model = Transformer(model_cfg).to(device)
+        apply_expert_parallel(model, par)  # this rank's slice of the seeded experts
         model.train()
         optimizer = build_optimizer(model, config, par)
         batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
@@ -342,10 +368,11 @@ def _pretrain_ranks(
         precision="bf16" if amp is not None else "fp32",
         parallel={"dp": par.dp, "ep": par.ep, "pp": par.pp, "world_size": par.world_size},
     )
-    if not par.is_main:
-        return {**summary, "files": {}}
-    _write_json(run_dir / SUMMARY_FILE, summary)  # the plots read the baseline from it
-    summary["files"] = _finish(config, run_dir, model, data)
+    with gathered_experts(model):  # collective: the export holds every expert
+        if not par.is_main:
+            return {**summary, "files": {}}
+        _write_json(run_dir / SUMMARY_FILE, summary)  # the plots read the baseline from it
+        summary["files"] = _finish(config, run_dir, model, data)
     _write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
