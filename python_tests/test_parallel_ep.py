@@ -143,3 +143,18 @@ def test_ep_export_equals_the_one_process_model_of_its_checkpoint(ep_run: Path, 
     x = torch.randint(0, config.model.build().vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_hf(ep_run / "hf").eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_dp4_ep2_muonclip_checkpoint_resumes_in_one_process(tmp_path: Path) -> None:
+    # ZeRO-1 chunks the expert stacks over the expert-replica group (2 ranks) inside each EP rank's block: the
+    # checkpoint's 2-D (ep, ep_replica) layout must reshard into one process's full state.
+    run = tmp_path / "ep"
+    r = torchrun(4, "pretrain", "--run-dir", run, *sets(*EP_RUN, *layout(4, 2)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = [loss for _, loss in losses(run)]
+    shutil.rmtree(run / "checkpoints" / "step_00000010")
+    r = k2("pretrain", "--resume", run, *sets("parallel.dp=1", "parallel.ep=1", *accumulating(4)))
+    assert r.returncode == 0, r.stderr
+    got = [loss for _, loss in losses(run)]
+    assert got[5] == pytest.approx(want[5], rel=1e-6)  # the same model at step 6
+    assert got == pytest.approx(want, rel=2e-4)
