@@ -17,6 +17,7 @@ void register_gemm(pybind11::module_& m);
 void register_optim(pybind11::module_& m);
 void register_quant(pybind11::module_& m);
 void register_comm(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
 
 namespace {
 
@@ -83,4 +84,5 @@ PYBIND11_MODULE(_C, m) {
     k2::register_optim(m);
     k2::register_quant(m);
     k2::register_comm(m);
+    k2::register_attention(m);
 }

@@ -46,6 +46,11 @@ def _kernel(q: torch.Tensor) -> bool:
     return q.dtype in _KERNEL_DTYPES and _native.kernel_module(_FAMILY, q.device, q) is not None
 
 
+def _sizes(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
+    """(T, H, dqk, dv, N): what the workspace size queries take."""
+    return (*q.shape, v.shape[2], 1 if cu_seqlens is None else cu_seqlens.numel() - 1)
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
@@ -80,7 +85,7 @@ def _mla_attention(
         max_logits,
         softmax_scale,
         causal,
-        workspace=("mla_attention_forward_workspace_size", (tokens, heads, return_max_logits)),
+        workspace=("mla_attention_forward_workspace_size", (*_sizes(q, v, cu_seqlens), return_max_logits)),
     )
     return o, lse, max_logits
 
@@ -111,7 +116,6 @@ def _mla_attention_backward(
         return reference.mla_attention_backward(do, q, k, v, o, lse, softmax_scale, causal, cu_seqlens)
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    tokens, heads, head_dim_qk = q.shape
     _native.call(
         "mla_attention_backward",
         q.device,
@@ -127,7 +131,7 @@ def _mla_attention_backward(
         dv,
         softmax_scale,
         causal,
-        workspace=("mla_attention_backward_workspace_size", (tokens, heads, head_dim_qk)),
+        workspace=("mla_attention_backward_workspace_size", _sizes(q, v, cu_seqlens)),
     )
     return dq, dk, dv
 
