@@ -196,3 +196,17 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.skipif(not NATIVE, reason="k2._C has no attention CPU kernel")
 def test_available_reports_cpu_kernel():
     assert "cpu" in k2.ops.available()["attention"]
+
+
+@pytest.mark.skipif(not NATIVE, reason="k2._C has no attention CPU kernel")
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_instruction_set_variant(isa, monkeypatch):
+    """K2_ATTENTION_ISA caps the kernel's instruction set (read at each call): the AVX2 and baseline builds of the
+    tiles give the same results as the reference on a machine that would pick AVX-512."""
+    monkeypatch.setenv("K2_ATTENTION_ISA", isa)
+    q, k, v, do, cu, scale = _inputs("many-short-docs", torch.bfloat16, seed=2)
+    kw = {"softmax_scale": scale, "causal": True, "cu_seqlens": cu}
+    tol, tol_fp32 = TOLERANCES[torch.bfloat16]
+    got, want = _run(_k2, q, k, v, do, **kw), _run(_reference, q, k, v, do, **kw)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g, w, **(tol_fp32 if i in (1, 2) else tol))

@@ -32,7 +32,7 @@
 #include "common/thread_pool.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call (all helpers are inlined)
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -98,7 +98,7 @@ K2_INLINE Vec<W> load(const float* p) {
     return v;
 }
 template <int W>
-K2_INLINE void store(float* p, Vec<W> v) {
+K2_INLINE void store(float* p, const Vec<W>& v) {
     std::memcpy(p, &v, sizeof v);
 }
 template <int W>
@@ -107,11 +107,11 @@ K2_INLINE Vec<W> splat(float x) {
     return Vec<W>{} + x;
 }
 template <int W>
-K2_INLINE Vec<W> select(IVec<W> mask, Vec<W> a, Vec<W> b) {  // mask lanes are all-ones or zero
+K2_INLINE Vec<W> select(const IVec<W>& mask, const Vec<W>& a, const Vec<W>& b) {  // mask lanes are all-ones or zero
     return (Vec<W>)((mask & (IVec<W>)a) | (~mask & (IVec<W>)b));
 }
 template <int W>
-K2_INLINE Vec<W> vmax(Vec<W> a, Vec<W> b) {
+K2_INLINE Vec<W> vmax(const Vec<W>& a, const Vec<W>& b) {
     return select<W>(a > b, a, b);
 }
 template <int W>
@@ -121,13 +121,13 @@ K2_INLINE Vec<W> iota() {
     return v;
 }
 template <int W>
-K2_INLINE float hmax(Vec<W> v) {
+K2_INLINE float hmax(const Vec<W>& v) {
     float m = v[0];
     for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
     return m;
 }
 template <int W>
-K2_INLINE float hsum(Vec<W> v) {
+K2_INLINE float hsum(const Vec<W>& v) {
     float s = 0.0f;
     for (int i = 0; i < W; ++i) s += v[i];
     return s;
@@ -136,10 +136,10 @@ K2_INLINE float hsum(Vec<W> v) {
 // exp(x) = 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2; e^r from Cephes' expf polynomial. x below
 // ln(2^-126) (also -inf) gives 0, so masked logits drop out exactly; inputs here are never NaN.
 template <int W>
-K2_INLINE Vec<W> exp_vec(Vec<W> x) {
+K2_INLINE Vec<W> exp_vec(const Vec<W>& x_in) {
     const Vec<W> lo = splat<W>(-87.33654f), hi = splat<W>(88.37626f);
-    const IVec<W> underflow = x < lo;
-    x = vmax<W>(x, lo);
+    const IVec<W> underflow = x_in < lo;
+    Vec<W> x = vmax<W>(x_in, lo);
     x = select<W>(x > hi, hi, x);
     const Vec<W> magic = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
     const Vec<W> n = (x * 1.44269504088896341f + magic) - magic;
