@@ -1,0 +1,234 @@
+"""MLA attention: k2.ops.mla_attention against the model's eager path and SDPA, forward and forward+backward.
+
+Shapes: one causal sequence of S tokens at Kimi-K2's head dims (dqk = 192 = 128 nope + 64 rope, dv = 128), with the
+head count scaled to fit the machine (--heads; K2 has 64). Implementations, all on the same values:
+
+- k2:    ``k2.ops.mla_attention`` on ``[S, H, d]`` (the C++ CPU kernel; on CUDA the reference until the CUDA kernel
+         lands), max logits requested as QK-Clip needs them;
+- eager: ``MLA._eager_attention`` (k2/model/mla.py): an fp32 ``baddbmm`` of the scaled logits with an additive causal
+         mask, their per-head max, ``softmax``, ``bmm`` — ``[H, S, S]`` logits materialised;
+- sdpa:  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on ``[1, H, S, d]`` (no max logits; on CPU
+         with dv != dqk it runs torch's math path).
+
+Columns: time (fastest of --repeat runs; the implementations are interleaved so load from other processes hits all
+alike), GFLOP/s of the useful causal FLOPs (forward 2·P·(dqk + dv), backward 2·P·(2·dqk + 2·dv), P = S(S+1)/2 visible
+pairs per head; the same count for every implementation, recomputation not counted), % of the fp32 matmul rate measured
+here (``torch.mm`` 4096², the practical CPU peak), speed-up of k2 over each, and peak extra memory: on CPU the rise of
+the process's peak resident set (VmHWM, reset through /proc/self/clear_refs, after malloc_trim) over its resident set
+before the call — what the call adds beyond its inputs (outputs, saved tensors, gradients, workspaces); on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocated bytes before. ``max_logits cost`` is k2's forward with
+``return_max_logits`` on vs off. Table on stdout, JSON with --json.
+
+    python tools/bench_attention.py --json bench_attention.json
+    python tools/bench_attention.py --seqlens 2048 --heads 8 --repeat 5
+    python tools/bench_attention.py --device cuda --heads 64 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import k2.ops
+from k2.ops import _native
+
+DQK, DV = 192, 128
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory that one call of ``fn`` adds over what was in use before it, in MiB (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not sys.platform.startswith("linux"):
+        return None
+    with contextlib.suppress(OSError):  # hand freed heap back to the OS, so the baseline is what is in use
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    before = _proc_kib("VmRSS")
+    fn()
+    return (_proc_kib("VmHWM") - before) / 1024
+
+
+# ---- implementations ---------------------------------------------------------------------------------------------
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``MLA._eager_attention`` for one causal sequence, with its max-logit recording: ``[H, S, d] -> [H, S, dv]``."""
+    s = q.shape[1]
+    allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+    logits = torch.baddbmm(bias, q.float(), k.float().transpose(1, 2), alpha=scale)  # [H, S, S] fp32
+    logits.detach().amax(dim=(1, 2))  # the per-head max the model records for QK-Clip
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return probs @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale)[0]
+
+
+def k2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_logits: bool = True):
+    return k2.ops.mla_attention(q, k, v, softmax_scale=scale, causal=True, return_max_logits=max_logits)[0]
+
+
+# ---- timing ------------------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_best(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Fastest of ``repeat`` runs of each, after one warm-up each; the functions alternate within every round."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            best[name] = min(best[name], _timed(fn, device))
+    return best
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" or dtype == torch.float32 else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / min(_timed(lambda: a @ b, device) for _ in range(3)) / 1e9
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------------------
+
+
+def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, repeat: int, peak: float) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(s)
+    scale = DQK**-0.5
+    q_hsd, k_hsd = (torch.randn(heads, s, DQK, device=device, generator=gen, dtype=dtype) for _ in range(2))
+    v_hsd = torch.randn(heads, s, DV, device=device, generator=gen, dtype=dtype)
+    do_hsd = torch.randn(heads, s, DV, device=device, generator=gen, dtype=dtype)
+    q_shd, k_shd, v_shd, do_shd = (t.transpose(0, 1).contiguous() for t in (q_hsd, k_hsd, v_hsd, do_hsd))
+    layouts = {"k2": (q_shd, k_shd, v_shd, do_shd), "eager": (q_hsd, k_hsd, v_hsd, do_hsd)}
+    layouts["sdpa"] = layouts["eager"]
+    impls = {"k2": k2_attention, "eager": eager_attention, "sdpa": sdpa_attention}
+
+    def forward(name: str, **kw: bool) -> Callable[[], object]:
+        q, k, v, _ = layouts[name]
+
+        def run() -> None:
+            with torch.no_grad():
+                impls[name](q, k, v, scale, **kw)
+
+        return run
+
+    def forward_backward(name: str) -> Callable[[], object]:
+        q, k, v, do = (t.detach().requires_grad_(i < 3) for i, t in enumerate(layouts[name]))
+
+        def run() -> None:
+            impls[name](q, k, v, scale).backward(do)
+            q.grad = k.grad = v.grad = None
+
+        return run
+
+    pairs = heads * s * (s + 1) // 2
+    flops = {"fwd": 2 * pairs * (DQK + DV), "fwd+bwd": 2 * pairs * (DQK + DV) + 2 * pairs * (2 * DQK + 2 * DV)}
+    rows = []
+    for mode, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        fns = {name: make(name) for name in impls}
+        times = interleaved_best(fns, device, repeat)
+        if mode == "fwd":  # the cost of max logits: k2 with and without, more rounds (a few % is within the noise)
+            pair = {"on": fns["k2"], "off": forward("k2", max_logits=False)}
+            max_logits_times = interleaved_best(pair, device, max(10, 3 * repeat))
+        memory = {name: peak_extra_mib(fns[name], device) for name in impls}
+        for name in impls:
+            row = {
+                "op": f"attention {mode}: {name}",
+                "shape": f"S={s} H={heads} dqk={DQK} dv={DV} {str(dtype).removeprefix('torch.')}",
+                "ms": times[name] * 1e3,
+                "GFLOPs": flops[mode] / times[name] / 1e9,
+                "pct_of_matmul": 100 * flops[mode] / times[name] / 1e9 / peak,
+                "peak_extra_MiB": memory[name],
+            }
+            if name == "k2":
+                row["speedup_vs_eager"] = times["eager"] / times["k2"]
+                row["speedup_vs_sdpa"] = times["sdpa"] / times["k2"]
+                if mode == "fwd":
+                    row["max_logits_cost_pct"] = 100 * (max_logits_times["on"] / max_logits_times["off"] - 1)
+            rows.append(row)
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    for row in rows:
+        cells = [f"{row['op']:<28}", f"{row['shape']:<36}"]
+        for key, value in row.items():
+            if key in ("op", "shape"):
+                continue
+            cells.append(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}")
+        print("  ".join(cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seqlens", default="512,1024,2048,4096", help="comma-separated S values")
+    parser.add_argument("--heads", type=int, default=None, help="heads (default: 4 on CPU, 64 on CUDA)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", help="write the rows and the machine description to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    dtype = getattr(torch, args.dtype)
+    heads = args.heads or (64 if device.type == "cuda" else 4)
+    peak = matmul_gflops(device, dtype)
+    kernel = "C++ kernel" if _native.has_kernel("attention", device) else "PyTorch reference (no kernel here)"
+    print(
+        f"# device={device} threads={torch.get_num_threads()} k2 threads="
+        f"{_native.native().num_threads() if _native.native() else '-'} k2.ops.mla_attention: {kernel}; "
+        f"{args.dtype} matmul {peak:.1f} GFLOP/s",
+        flush=True,
+    )
+    rows = []
+    for s in (int(x) for x in args.seqlens.split(",")):
+        new = bench_seqlen(s, heads, dtype, device, args.repeat, peak)
+        _print(new)
+        rows += new
+    if args.json:
+        info = {"device": str(device), "matmul_GFLOPs": peak, "k2_kernel": kernel, "cpu_count": os.cpu_count()}
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
