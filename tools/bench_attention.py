@@ -16,8 +16,8 @@ pairs per head; the same count for every implementation, recomputation not count
 here (``torch.mm`` 4096², the practical CPU peak), speed-up of k2 over each, and peak extra memory: on CPU the rise of
 the process's peak resident set (VmHWM, reset through /proc/self/clear_refs, after malloc_trim) over its resident set
 before the call — what the call adds beyond its inputs (outputs, saved tensors, gradients, workspaces); on CUDA
-``torch.cuda.max_memory_allocated`` minus the allocated bytes before. ``max_logits cost`` is k2's forward with
-``return_max_logits`` on vs off. Table on stdout, JSON with --json.
+``torch.cuda.max_memory_allocated`` minus the allocated bytes before. ``max_logits_cost_pct`` is k2's forward with
+``return_max_logits`` on vs off: the median ratio over back-to-back pairs of runs. Table on stdout, JSON with --json.
 
     python tools/bench_attention.py --json bench_attention.json
     python tools/bench_attention.py --seqlens 2048 --heads 8 --repeat 5
@@ -121,6 +121,21 @@ def interleaved_best(fns: dict[str, Callable[[], object]], device: torch.device,
     return best
 
 
+def paired_cost_pct(with_fn: Callable[[], object], without_fn: Callable[[], object], device, rounds: int) -> float:
+    """Median over ``rounds`` back-to-back pairs (order alternating) of time(with) / time(without) - 1, in %: adjacent
+    runs see the same load from other processes, so the ratio is steadier than a ratio of two minima."""
+    with_fn(), without_fn()
+    ratios = []
+    for i in range(rounds):
+        if i % 2:
+            t_without, t_with = _timed(without_fn, device), _timed(with_fn, device)
+        else:
+            t_with, t_without = _timed(with_fn, device), _timed(without_fn, device)
+        ratios.append(t_with / t_without)
+    ratios.sort()
+    return 100 * (ratios[len(ratios) // 2] - 1)
+
+
 def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
     n = 4096 if device.type == "cuda" or dtype == torch.float32 else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -165,9 +180,8 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
     for mode, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
         fns = {name: make(name) for name in impls}
         times = interleaved_best(fns, device, repeat)
-        if mode == "fwd":  # the cost of max logits: k2 with and without, more rounds (a few % is within the noise)
-            pair = {"on": fns["k2"], "off": forward("k2", max_logits=False)}
-            max_logits_times = interleaved_best(pair, device, max(10, 3 * repeat))
+        if mode == "fwd":  # the cost of max logits: k2 with and without
+            cost = paired_cost_pct(fns["k2"], forward("k2", max_logits=False), device, max(21, 4 * repeat + 1))
         memory = {name: peak_extra_mib(fns[name], device) for name in impls}
         for name in impls:
             row = {
@@ -182,7 +196,7 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
                 row["speedup_vs_eager"] = times["eager"] / times["k2"]
                 row["speedup_vs_sdpa"] = times["sdpa"] / times["k2"]
                 if mode == "fwd":
-                    row["max_logits_cost_pct"] = 100 * (max_logits_times["on"] / max_logits_times["off"] - 1)
+                    row["max_logits_cost_pct"] = cost
             rows.append(row)
     return rows
 
