@@ -84,12 +84,12 @@ def run_layout(layout: Layout, preset: str, *, batch: int, seq: int, steps: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    p.add_argument("--presets", nargs="+", default=["tiny"], help="e.g. tiny small (small takes minutes on 2 cores)")
     p.add_argument("--dp", type=int, default=2, help="data-parallel ranks of the distributed rows")
     p.add_argument("--ep", type=int, nargs="*", default=[], help="also rows with these expert-parallel sizes")
     p.add_argument("--batch", type=int, default=4, help="global batch (sequences per step) in every layout")
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args()
