@@ -12,12 +12,13 @@ head count scaled to fit the machine (--heads; K2 has 64). Implementations, all 
 
 Columns: time (fastest of --repeat runs; the implementations are interleaved so load from other processes hits all
 alike), GFLOP/s of the useful causal FLOPs (forward 2·P·(dqk + dv), backward 2·P·(2·dqk + 2·dv), P = S(S+1)/2 visible
-pairs per head; the same count for every implementation, recomputation not counted), % of the fp32 matmul rate measured
-here (``torch.mm`` 4096², the practical CPU peak), speed-up of k2 over each, and peak extra memory: on CPU the rise of
-the process's peak resident set (VmHWM, reset through /proc/self/clear_refs, after malloc_trim) over its resident set
-before the call — what the call adds beyond its inputs (outputs, saved tensors, gradients, workspaces); on CUDA
-``torch.cuda.max_memory_allocated`` minus the allocated bytes before. ``max_logits_cost_pct`` is k2's forward with
-``return_max_logits`` on vs off: the median ratio over back-to-back pairs of runs. Table on stdout, JSON with --json.
+pairs per head; the same count for every implementation, recomputation not counted), % of the matmul rate measured
+here in the same interleaved rounds (``torch.mm`` 4096² in the benchmark's dtype, the practical peak), speed-up of k2
+over each, and peak extra memory: on CPU the rise of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs, after malloc_trim) over its resident set before the call — what the call adds beyond its
+inputs (outputs, saved tensors, gradients, workspaces); on CUDA ``torch.cuda.max_memory_allocated`` minus the
+allocated bytes before. ``max_logits_cost_pct`` is k2's forward with ``return_max_logits`` on vs off: the median ratio
+over back-to-back pairs of runs. Table on stdout, JSON with --json.
 
     python tools/bench_attention.py --json bench_attention.json
     python tools/bench_attention.py --seqlens 2048 --heads 8 --repeat 5
@@ -136,16 +137,10 @@ def paired_cost_pct(with_fn: Callable[[], object], without_fn: Callable[[], obje
     return 100 * (ratios[len(ratios) // 2] - 1)
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" or dtype == torch.float32 else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / min(_timed(lambda: a @ b, device) for _ in range(3)) / 1e9
-
-
 # ---- benchmark ---------------------------------------------------------------------------------------------------
 
 
-def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, repeat: int, peak: float) -> list[dict]:
+def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, repeat: int) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(s)
     scale = DQK**-0.5
     q_hsd, k_hsd = (torch.randn(heads, s, DQK, device=device, generator=gen, dtype=dtype) for _ in range(2))
@@ -174,12 +169,20 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
 
         return run
 
+    n = 4096 if device.type == "cuda" or dtype == torch.float32 else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    matmul_flops = 2 * n**3
+
+    def matmul() -> None:
+        a @ b
+
     pairs = heads * s * (s + 1) // 2
     flops = {"fwd": 2 * pairs * (DQK + DV), "fwd+bwd": 2 * pairs * (DQK + DV) + 2 * pairs * (2 * DQK + 2 * DV)}
     rows = []
     for mode, make in (("fwd", forward), ("fwd+bwd", forward_backward)):
         fns = {name: make(name) for name in impls}
-        times = interleaved_best(fns, device, repeat)
+        times = interleaved_best({**fns, "matmul": matmul}, device, repeat)
+        peak = matmul_flops / times["matmul"] / 1e9  # measured in the same rounds, under the same load
         if mode == "fwd":  # the cost of max logits: k2 with and without
             cost = paired_cost_pct(fns["k2"], forward("k2", max_logits=False), device, max(21, 4 * repeat + 1))
         memory = {name: peak_extra_mib(fns[name], device) for name in impls}
@@ -190,6 +193,7 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
                 "ms": times[name] * 1e3,
                 "GFLOPs": flops[mode] / times[name] / 1e9,
                 "pct_of_matmul": 100 * flops[mode] / times[name] / 1e9 / peak,
+                "matmul_GFLOPs": peak,
                 "peak_extra_MiB": memory[name],
             }
             if name == "k2":
@@ -225,21 +229,19 @@ def main() -> None:
         parser.error("--device cuda: torch sees no CUDA device")
     dtype = getattr(torch, args.dtype)
     heads = args.heads or (64 if device.type == "cuda" else 4)
-    peak = matmul_gflops(device, dtype)
     kernel = "C++ kernel" if _native.has_kernel("attention", device) else "PyTorch reference (no kernel here)"
     print(
         f"# device={device} threads={torch.get_num_threads()} k2 threads="
-        f"{_native.native().num_threads() if _native.native() else '-'} k2.ops.mla_attention: {kernel}; "
-        f"{args.dtype} matmul {peak:.1f} GFLOP/s",
+        f"{_native.native().num_threads() if _native.native() else '-'} k2.ops.mla_attention: {kernel}",
         flush=True,
     )
     rows = []
     for s in (int(x) for x in args.seqlens.split(",")):
-        new = bench_seqlen(s, heads, dtype, device, args.repeat, peak)
+        new = bench_seqlen(s, heads, dtype, device, args.repeat)
         _print(new)
         rows += new
     if args.json:
-        info = {"device": str(device), "matmul_GFLOPs": peak, "k2_kernel": kernel, "cpu_count": os.cpu_count()}
+        info = {"device": str(device), "k2_kernel": kernel, "cpu_count": os.cpu_count()}
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": rows}, f, indent=1)
 
