@@ -33,11 +33,11 @@ import ctypes
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import time_once
 
 import k2.ops
 from k2.ops import _native
@@ -101,16 +101,6 @@ def k2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 # ---- timing ------------------------------------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def interleaved_best(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
     """Fastest of ``repeat`` runs of each, after one warm-up each; the functions alternate within every round."""
     for fn in fns.values():
@@ -118,7 +108,7 @@ def interleaved_best(fns: dict[str, Callable[[], object]], device: torch.device,
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
         for name, fn in fns.items():
-            best[name] = min(best[name], _timed(fn, device))
+            best[name] = min(best[name], time_once(fn, device))
     return best
 
 
@@ -129,9 +119,9 @@ def paired_cost_pct(with_fn: Callable[[], object], without_fn: Callable[[], obje
     ratios = []
     for i in range(rounds):
         if i % 2:
-            t_without, t_with = _timed(without_fn, device), _timed(with_fn, device)
+            t_without, t_with = time_once(without_fn, device), time_once(with_fn, device)
         else:
-            t_with, t_without = _timed(with_fn, device), _timed(without_fn, device)
+            t_with, t_without = time_once(with_fn, device), time_once(without_fn, device)
         ratios.append(t_with / t_without)
     ratios.sort()
     return 100 * (ratios[len(ratios) // 2] - 1)

@@ -21,12 +21,12 @@ import json
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _timing import time_once
 
 from k2.ops import ep_combine, ep_dispatch, moe_permute
 
@@ -44,13 +44,7 @@ def _slowest_rank_time(fn: Callable[[], object], device: torch.device, repeat: i
     times = []
     for _ in range(repeat):
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(time_once(fn, device))
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.min().item()
