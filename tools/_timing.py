@@ -1,4 +1,5 @@
-"""Wall-clock timing shared by the kernel benchmarks: the fastest of several runs, synchronising CUDA around each."""
+"""Shared by the kernel benchmarks: wall-clock timing (the fastest of several runs, synchronising CUDA around each)
+and the one-line-per-row table they print."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def best_time(fn: Callable[[], object], device: torch.device, repeat: int, warmu
     for _ in range(warmup):
         fn()
     return min(time_once(fn, device) for _ in range(repeat))
+
+
+def print_rows(rows: list[dict], *, op_width: int, digits: int = 3) -> None:
+    """One line per row: ``op`` and ``shape`` in fixed-width columns, then ``key=value`` for the other fields."""
+    for row in rows:
+        cells = [f"{row['op']:<{op_width}}", f"{row['shape']:<36}"]
+        for key, value in row.items():
+            if key not in ("op", "shape"):
+                cells.append(f"{key}={value:.{digits}f}" if isinstance(value, float) else f"{key}={value}")
+        print("  ".join(cells), flush=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import time_once
+from _timing import print_rows, time_once
 
 import k2.ops
 from k2.ops import _native
@@ -195,16 +195,6 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
     return rows
 
 
-def _print(rows: list[dict]) -> None:
-    for row in rows:
-        cells = [f"{row['op']:<28}", f"{row['shape']:<36}"]
-        for key, value in row.items():
-            if key in ("op", "shape"):
-                continue
-            cells.append(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}")
-        print("  ".join(cells), flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -228,7 +218,7 @@ def main() -> None:
     rows = []
     for s in (int(x) for x in args.seqlens.split(",")):
         new = bench_seqlen(s, heads, dtype, device, args.repeat)
-        _print(new)
+        print_rows(new, op_width=28, digits=2)
         rows += new
     if args.json:
         info = {"device": str(device), "k2_kernel": kernel, "cpu_count": os.cpu_count()}

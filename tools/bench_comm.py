@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _timing import time_once
+from _timing import print_rows, time_once
 
 from k2.ops import ep_combine, ep_dispatch, moe_permute
 
@@ -143,13 +143,6 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out_path: str) -> No
         dist.destroy_process_group()
 
 
-def _print(rows: list[dict]) -> None:
-    for row in rows:
-        cells = [f"{row.pop('op'):<26}", f"{row.pop('shape'):<36}"]
-        cells += [f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()]
-        print("  ".join(cells))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -174,7 +167,7 @@ def main() -> None:
         out_path = os.path.join(tmp, "rows.pt")
         mp.spawn(_worker, args=(args, _free_port(), out_path), nprocs=args.world, join=True)
         results = torch.load(out_path)
-    _print([dict(r) for r in results])
+    print_rows(results, op_width=26)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": args.device, "backend": backend, "args": vars(args), "results": results}, fh, indent=2)

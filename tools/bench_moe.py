@@ -16,7 +16,7 @@ import json
 import os
 
 import torch
-from _timing import best_time
+from _timing import best_time, print_rows
 
 from k2.ops import _native, grouped_gemm, moe_permute, moe_unpermute, reference
 
@@ -189,13 +189,6 @@ def bench_moe_layer(t: int, d: int, f: int, e: int, k: int, device: torch.device
     ]
 
 
-def _print(rows: list[dict]) -> None:
-    for row in rows:
-        cells = [f"{row.pop('op'):<40}", f"{row.pop('shape'):<36}"]
-        cells += [f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()]
-        print("  ".join(cells))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -221,7 +214,7 @@ def main() -> None:
     results += bench_grouped_gemm(t, k, d, f, e, gemm_dtype, device, args.repeat)
     results += bench_dispatch_combine(t // 4, k, d // 2, e, device, args.repeat)
     results += bench_moe_layer(t // 4, d // 2, f // 2, e, k, device, args.repeat)
-    _print([dict(r) for r in results])
+    print_rows(results, op_width=40)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "args": vars(args), "results": results}, fh, indent=2)
