@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except (K2Error, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError) as e:
         if os.environ.get("K2_DEBUG"):
             raise
-        print(f"k2 {args.command}: error: {e}", file=sys.stderr)
+        # One write: stderr is write-through, so print's separate newline would let the lines of several ranks
+        # sharing one stderr (torchrun) interleave.
+        sys.stderr.write(f"k2 {args.command}: error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        print(f"k2 {args.command}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"k2 {args.command}: interrupted\n")
         return 130
 
 
