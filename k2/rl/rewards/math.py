@@ -28,9 +28,9 @@ def grade_one(item: tuple[str, str]) -> tuple[bool, str]:
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold_text, completion = item
-    gold = parse(gold_text, parsing_timeout=None)
-    if not gold and "$" not in gold_text:
-        gold = parse(f"${gold_text}$", parsing_timeout=None)
+    gold = parse(gold_text if "$" in gold_text else f"${gold_text}$", parsing_timeout=None)
+    if not gold:
+        gold = parse(gold_text, parsing_timeout=None)
     if not gold:
         raise ValueError(f"could not parse the reference answer {gold_text!r}")
     pred = parse(completion, parsing_timeout=None)
