@@ -13,9 +13,11 @@
 - ``refused``: the code did not run because the isolation could not be built (see below).
 
 What holds (Linux; built with namespaces, no helper binaries — see ``_sandbox_child.py`` for the mechanics):
-the run gets its own session and process group (killed as a group at the end, timeout or not) inside new user,
-PID, mount, network, IPC and UTS namespaces; when its PID 1 exits the kernel kills everything left, so a child that
-outlives its parent or detaches with ``setsid`` cannot survive the run. The code runs as a throw-away unprivileged uid
+the supervisor gets its own session and process group, the program another one (so its ``killpg(0)`` cannot reach
+the supervisor), inside new user, PID, mount, network, IPC and UTS namespaces. At the wall-clock limit the
+supervisor kills the namespace's PID 1, and when PID 1 exits (limit or not) the kernel kills everything left, so
+a child that outlives its parent or detaches with ``setsid`` cannot survive the run; ``run`` returns only after
+that, then kills the supervisor's group as well. The code runs as a throw-away unprivileged uid
 (when the caller is root, a fresh host uid per run; inside, uid 1000 without capabilities), so ``RLIMIT_NPROC``
 caps the process count even on machines where everything runs as root. rlimits: CPU seconds, address space, file
 size, processes, open files, no core files. Network: only a loopback device that is down (nothing on the host,
