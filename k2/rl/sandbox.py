@@ -158,7 +158,7 @@ def _run(
         "source": source,
         "stdin": stdin or "",
         "isolate": isolate,
-        "python": os.path.realpath(sys.executable),
+        "python": sys.executable,  # a venv interpreter keeps its venv (its prefix is bound too)
         "binds": _python_dirs(),
         "uid_base": UID_BASE,
         "memory_mb": int(memory_mb),
