@@ -1,5 +1,5 @@
-// Python bindings of the attention family: validate the views, fill the params struct, run the CPU kernel. The family
-// has CPU kernels only for now; a CUDA tensor is refused with UnsupportedError (k2.ops never sends one).
+// Python bindings of the attention family: validate the views, fill the params struct, run the CPU or CUDA kernel
+// (the CUDA kernels exist when the build has CUDA; without them a CUDA tensor is refused with UnsupportedError).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -19,8 +19,6 @@ namespace k2 {
 
 namespace {
 
-constexpr bool kAttentionCuda = false;  // no CUDA kernel yet (csrc/attention/cuda.cu joins later)
-
 // A [T, H, d] view: 3-D, fp32 or bf16, unit stride along d.
 void expect_head_tensor(const TensorView& t, const char* op, const char* arg) {
     expect_ndim(t, op, arg, 3);
@@ -35,13 +33,14 @@ attention::MutableHeadTensor head_out(const PyTensor& t) {
     return {t.view.data, t.view.stride(0), t.view.stride(1)};
 }
 
-// Checks every view is on the first one's device and that the family has a kernel there.
-void common_device(const char* op, std::initializer_list<std::pair<const PyTensor*, const char*>> args) {
+// Checks every view is on the first one's device and that the family has a kernel there; returns whether it is CUDA.
+bool common_device(const char* op, std::initializer_list<std::pair<const PyTensor*, const char*>> args) {
     const TensorView& first = args.begin()->first->view;
     for (const auto& [t, name] : args) {
         expect_same_device(first, t->view, op, name);
-        expect_device_supported(t->view, op, name, kAttentionCuda);
+        expect_device_supported(t->view, op, name, kHasCuda);
     }
+    return first.device == DeviceType::CUDA;
 }
 
 // cu_seqlens: None (one document) or int32 [N+1] on q's device; returns its data (or null) and N.
@@ -88,7 +87,8 @@ void mla_attention_forward(const py::handle& q_obj, const py::handle& k_obj, con
     K2_CHECK_ARG(max_logits.view.size(0) == H || max_logits.view.size(0) == 0, op, "max_logits", "expected [H] = [", H,
                  "] or [0] (not requested), got ", max_logits.view.describe());
     const auto [cu_data, num_docs] = documents(cu_obj, cu, q.view, op, stream);
-    common_device(op, {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&o, "o"}, {&lse, "lse"}, {&max_logits, "max_logits"}});
+    const bool cuda =
+        common_device(op, {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&o, "o"}, {&lse, "lse"}, {&max_logits, "max_logits"}});
     PyTensor workspace = to_workspace(workspace_obj, q.view, op, stream);
 
     attention::ForwardParams p{head_in(q),
@@ -108,6 +108,10 @@ void mla_attention_forward(const py::handle& q_obj, const py::handle& k_obj, con
                                q.view.dtype,
                                as_workspace(workspace)};
     py::gil_scoped_release release;
+#ifdef K2_WITH_CUDA
+    if (cuda) return attention::forward_cuda(p, reinterpret_cast<void*>(stream));
+#endif
+    (void)cuda;
     attention::forward_cpu(p);
 }
 
@@ -145,15 +149,15 @@ void mla_attention_backward(const py::handle& do_obj, const py::handle& q_obj, c
     expect_dtype(lse.view, op, "lse", {DType::Float32});
     expect_contiguous(lse.view, op, "lse");
     const auto [cu_data, num_docs] = documents(cu_obj, cu, q.view, op, stream);
-    common_device(op, {{&d_o, "do"},
-                       {&q, "q"},
-                       {&k, "k"},
-                       {&v, "v"},
-                       {&o, "o"},
-                       {&lse, "lse"},
-                       {&dq, "dq"},
-                       {&dk, "dk"},
-                       {&dv, "dv"}});
+    const bool cuda = common_device(op, {{&d_o, "do"},
+                                         {&q, "q"},
+                                         {&k, "k"},
+                                         {&v, "v"},
+                                         {&o, "o"},
+                                         {&lse, "lse"},
+                                         {&dq, "dq"},
+                                         {&dk, "dk"},
+                                         {&dv, "dv"}});
     PyTensor workspace = to_workspace(workspace_obj, q.view, op, stream);
 
     attention::BackwardParams p{head_in(d_o),
@@ -176,14 +180,20 @@ void mla_attention_backward(const py::handle& do_obj, const py::handle& q_obj, c
                                 q.view.dtype,
                                 as_workspace(workspace)};
     py::gil_scoped_release release;
+#ifdef K2_WITH_CUDA
+    if (cuda) return attention::backward_cuda(p, reinterpret_cast<void*>(stream));
+#endif
+    (void)cuda;
     attention::backward_cpu(p);
 }
 
-void expect_cpu(const std::string& device_type, const char* op) {
+// Whether a workspace query is for CUDA; throws for an unknown device type, or CUDA in a build without CUDA kernels.
+bool on_cuda(const std::string& device_type, const char* op) {
     K2_CHECK_ARG(device_type == "cpu" || device_type == "cuda", op, "device_type", "expected 'cpu' or 'cuda', got '",
                  device_type, "'");
-    if (device_type == "cuda")
+    if (device_type == "cuda" && !kHasCuda)
         throw UnsupportedError(detail::concat("k2.ops.", op, ": this build of k2 has no CUDA attention kernel"));
+    return device_type == "cuda";
 }
 
 void expect_sizes(int64_t tokens, int64_t heads, int64_t head_dim_qk, int64_t head_dim_v, int64_t num_docs,
@@ -197,8 +207,8 @@ std::size_t forward_workspace_size(int64_t tokens, int64_t heads, int64_t head_d
                                    int64_t num_docs, bool max_logits, const std::string& device_type, int device) {
     const char* op = "mla_attention_forward_workspace_size";
     expect_sizes(tokens, heads, head_dim_qk, head_dim_v, num_docs, op);
-    expect_cpu(device_type, op);
     (void)device;
+    if (on_cuda(device_type, op)) return 0;  // the CUDA forward reduces max logits with atomics, in place
     return attention::forward_workspace_cpu(tokens, heads, head_dim_qk, head_dim_v, num_docs, max_logits).plan.total;
 }
 
@@ -206,8 +216,8 @@ std::size_t backward_workspace_size(int64_t tokens, int64_t heads, int64_t head_
                                     int64_t num_docs, const std::string& device_type, int device) {
     const char* op = "mla_attention_backward_workspace_size";
     expect_sizes(tokens, heads, head_dim_qk, head_dim_v, num_docs, op);
-    expect_cpu(device_type, op);
     (void)device;
+    if (on_cuda(device_type, op)) return attention::backward_workspace_cuda(tokens, heads, head_dim_qk).plan.total;
     return attention::backward_workspace_cpu(tokens, heads, head_dim_qk, head_dim_v, num_docs, num_threads())
         .plan.total;
 }
@@ -216,6 +226,9 @@ std::size_t backward_workspace_size(int64_t tokens, int64_t heads, int64_t head_
 
 void register_attention(py::module_& m) {
     add_kernel_family("attention", "cpu");
+#ifdef K2_WITH_CUDA
+    add_kernel_family("attention", "cuda");
+#endif
     m.def("mla_attention_forward", &mla_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("cu_seqlens").none(true), py::arg("o"), py::arg("lse"), py::arg("max_logits"),
           py::arg("softmax_scale"), py::arg("causal"), py::arg("workspace"), py::arg("stream"),
@@ -224,16 +237,16 @@ void register_attention(py::module_& m) {
     m.def("mla_attention_forward_workspace_size", &forward_workspace_size, py::arg("tokens"), py::arg("heads"),
           py::arg("head_dim_qk"), py::arg("head_dim_v"), py::arg("num_docs"), py::arg("max_logits"),
           py::arg("device_type"), py::arg("device"),
-          "Workspace bytes mla_attention_forward needs: packed fp32 K^T and V, and the row maxima [H, T] fp32 when max "
-          "logits are asked for (linear in T).");
+          "Workspace bytes mla_attention_forward needs: on CPU packed fp32 K^T and V, and the row maxima [H, T] fp32 "
+          "when max logits are asked for (linear in T); none on CUDA.");
     m.def("mla_attention_backward", &mla_attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("o"), py::arg("lse"), py::arg("cu_seqlens").none(true), py::arg("dq"), py::arg("dk"), py::arg("dv"),
           py::arg("softmax_scale"), py::arg("causal"), py::arg("workspace"), py::arg("stream"),
           "Gradients of mla_attention_forward's o (recomputed from lse): fills dq, dk, dv.");
     m.def("mla_attention_backward_workspace_size", &backward_workspace_size, py::arg("tokens"), py::arg("heads"),
           py::arg("head_dim_qk"), py::arg("head_dim_v"), py::arg("num_docs"), py::arg("device_type"), py::arg("device"),
-          "Workspace bytes mla_attention_backward needs: D [H, T], packed fp32 Q and dO (by token and transposed by "
-          "block) and the fp32 dq accumulators (linear in T).");
+          "Workspace bytes mla_attention_backward needs: D [H, T] and the fp32 dq accumulators, plus on CPU packed "
+          "fp32 Q and dO (by token and transposed by block); linear in T.");
 }
 
 }  // namespace k2

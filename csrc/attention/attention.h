@@ -12,9 +12,10 @@
 // Tensors: q, k, v, o, do and the gradients have a contiguous last dim and arbitrary row (token) and head strides, in
 // elements; lse is contiguous [H, T]. Data are fp32 or bf16 (all of one dtype), accumulation is fp32.
 // cu_seqlens: int32 [N+1] with 0 = cu[0] <= ... <= cu[N] = T, or null for one document of T tokens (the CPU kernels
-// validate it; the CUDA kernels will take it as a precondition).
-// Workspaces (caller-allocated, sizes below): fp32 packed copies of the operands every tile re-reads, the row maxima,
-// D and the dq accumulators; all linear in T. Nothing of size [T, T] exists anywhere.
+// validate it; the CUDA kernels take it as a precondition, checking on the host only that N >= 1 when T > 0).
+// Workspaces (caller-allocated, sizes below): CPU: fp32 packed copies of the operands every tile re-reads, the row
+// maxima, D and the dq accumulators; CUDA: none forward, D and the fp32 dq accumulator backward. All linear in T.
+// Nothing of size [T, T] exists anywhere.
 #pragma once
 
 #include <cstddef>
@@ -125,5 +126,25 @@ inline BackwardWorkspace backward_workspace_cpu(int64_t tokens, int64_t heads, i
 // k2::ArgumentError for a bad cu_seqlens or a workspace smaller than the *_workspace_size query returned.
 void forward_cpu(const ForwardParams& p);
 void backward_cpu(const BackwardParams& p);
+
+// CUDA backward workspace: D [H, T] fp32, then dq's fp32 accumulator [H, T, dqk] (zeroed by the kernel, summed into by
+// every key block with atomics). The CUDA forward needs none: max logits are reduced with atomics into max_logits.
+struct BackwardWorkspaceCuda {
+    WorkspacePlan plan;
+    int delta, dq;
+};
+
+inline BackwardWorkspaceCuda backward_workspace_cuda(int64_t tokens, int64_t heads, int64_t head_dim_qk) {
+    BackwardWorkspaceCuda w;
+    w.delta = w.plan.add(std::size_t(heads * tokens) * sizeof(float));
+    w.dq = w.plan.add(std::size_t(heads * tokens * head_dim_qk) * sizeof(float));
+    return w;
+}
+
+// CUDA kernels (csrc/attention/cuda.cu) on `stream` (a cudaStream_t), on the current device: FlashAttention-2 tiles on
+// tensor cores for bf16 (sm_80+), on CUDA cores in fp32 for fp32. Throw k2::UnsupportedError for head dims that are
+// not multiples of 8 up to 256, float16, or more than 65535 heads; cu_seqlens is a precondition (not validated).
+void forward_cuda(const ForwardParams& p, void* stream);
+void backward_cuda(const BackwardParams& p, void* stream);
 
 }  // namespace k2::attention

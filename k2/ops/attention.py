@@ -19,8 +19,13 @@ return_max_logits=False) -> (o [T, H, dv], lse [H, T])`` or ``(o, lse, max_logit
 Autograd: the backward recomputes the probabilities from ``lse`` (FlashAttention-2): ``D = rowsum(dO ∘ O)``,
 ``dS = P ∘ (dP − D)``; it is the custom op ``k2::mla_attention_backward``.
 
-Dispatch (architecture §4): C++ CPU kernel (fp32, bf16) → ``k2.ops.reference`` (fp16, fp64, or ``K2_OPS=reference``);
-the CUDA kernel joins later. Native calls, through ``k2.ops._native.call`` with torch-allocated outputs and a
+Dispatch (architecture §4): CUDA kernel (fp32, bf16; head dims multiples of 8 up to 256) → C++ CPU kernel (fp32,
+bf16) → ``k2.ops.reference`` (fp16, fp64, other head dims on CUDA, or ``K2_OPS=reference``). The CUDA kernel
+(``csrc/attention/cuda.cu``) is FlashAttention-2's tiled online softmax: bf16 on tensor cores (``mma.sync``, fp32
+accumulation; P and dS enter their second GEMMs in bf16, as in FlashAttention-2), fp32 on CUDA cores in exact fp32 (no
+tf32); max logits come from the forward's online-softmax row maxima (float atomic max, no second ``q·kᵀ``); the
+backward accumulates dq in fp32 with atomics (so dq's last bits may vary run to run; o, lse, dk, dv do not). Native
+calls, through ``k2.ops._native.call`` with torch-allocated outputs and a
 workspace sized by ``k2._C.mla_attention_*_workspace_size``: ``k2._C.mla_attention_forward(q, k, v, cu_seqlens, o,
 lse, max_logits, softmax_scale, causal, workspace, stream)`` (an empty ``max_logits`` asks for none) and
 ``k2._C.mla_attention_backward(do, q, k, v, o, lse, cu_seqlens, dq, dk, dv, softmax_scale, causal, workspace,
@@ -42,8 +47,11 @@ _FAMILY = "attention"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _kernel(q: torch.Tensor) -> bool:
-    return q.dtype in _KERNEL_DTYPES and _native.kernel_module(_FAMILY, q.device, q) is not None
+def _kernel(q: torch.Tensor, v: torch.Tensor) -> bool:
+    if q.dtype not in _KERNEL_DTYPES or _native.kernel_module(_FAMILY, q.device, q) is None:
+        return False
+    # The CUDA kernel's register tiles take head dims that are multiples of 8 up to 256 (k2._C refuses others).
+    return q.device.type != "cuda" or all(d % 8 == 0 and d <= 256 for d in (q.shape[2], v.shape[2]))
 
 
 def _sizes(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[int, ...]:
@@ -66,7 +74,7 @@ def _mla_attention(
     return_max_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens, heads, _ = q.shape
-    if not _kernel(q):
+    if not _kernel(q, v):
         o, lse, max_logits = reference.mla_attention(q, k, v, softmax_scale, causal, cu_seqlens)
         return o, lse, max_logits if return_max_logits else max_logits.new_empty(0)
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -112,7 +120,7 @@ def _mla_attention_backward(
     softmax_scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if not _kernel(q) or do.dtype != q.dtype:
+    if not _kernel(q, v) or do.dtype != q.dtype:
         return reference.mla_attention_backward(do, q, k, v, o, lse, softmax_scale, causal, cu_seqlens)
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -197,8 +205,9 @@ def mla_attention(
         _fail("v", f"expected [T, H] = {tuple(q.shape[:2])} leading dims, got {tuple(v.shape)}")
     if q.shape[1] < 1 or q.shape[2] < 1 or v.shape[2] < 1:
         _fail("q", f"expected H, dqk, dv >= 1, got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    autocast = torch.is_autocast_enabled(q.device.type)  # the autocast rule casts q, k, v to one dtype
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
+        if t.dtype != q.dtype and not autocast:
             _fail(name, f"expected q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             _fail(name, f"expected q's device {q.device}, got {t.device}")
