@@ -18,6 +18,7 @@ void register_optim(pybind11::module_& m);
 void register_quant(pybind11::module_& m);
 void register_comm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
+void register_attention_decode(pybind11::module_& m);
 
 namespace {
 
@@ -85,4 +86,5 @@ PYBIND11_MODULE(_C, m) {
     k2::register_quant(m);
     k2::register_comm(m);
     k2::register_attention(m);
+    k2::register_attention_decode(m);
 }

@@ -8,6 +8,7 @@ that dispatches to the CUDA kernel, then the C++ CPU kernel, then the pure-PyTor
 from k2.ops._native import available, forced_reference
 from k2.ops.attention import mla_attention
 from k2.ops.comm import EpHandle, ep_combine, ep_dispatch
+from k2.ops.decode import mla_decode
 from k2.ops.gemm import grouped_gemm
 from k2.ops.gemm_fp8 import grouped_gemm_fp8
 from k2.ops.moe import moe_permute, moe_unpermute
@@ -24,6 +25,7 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_fp8",
     "mla_attention",
+    "mla_decode",
     "moe_permute",
     "moe_unpermute",
     "newton_schulz",

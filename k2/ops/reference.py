@@ -337,3 +337,30 @@ def mla_attention_backward(
         dq[doc] = (ds @ k[doc].transpose(0, 1).to(acc)).transpose(0, 1)
         dk[doc] = (ds.mT @ q[doc].transpose(0, 1).to(acc)).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---- attention: absorbed-MLA decode over the latent cache ---------------------------------------------------------
+
+
+def mla_decode(
+    q_latent: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, softmax_scale: float, kv_lora_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence against its cached latent rows (DeepSeek-V2 §2.1 with ``W_uk``/``W_uv`` absorbed).
+
+    ``q_latent [B, H, r + dr]``, ``cache [B, T_max, r + dr]`` (rows ``[c_kv | k_rope]``), ``lengths [B]`` int32:
+    sequence b sees rows ``0 .. lengths[b] - 1``. Computed in fp32 (fp64 for fp64 inputs):
+
+        logits[b, h, j] = softmax_scale · q_latent[b, h]·cache[b, j]      (all r + dr dims; −inf for j >= lengths[b])
+        o[b, h] = softmax_j(logits[b, h]) · cache[b, :, :r]  (in q's dtype)   lse[b, h] = logsumexp_j logits (fp32)
+
+    Returns ``(o [B, H, r], lse [B, H])``; a sequence with no row gets ``o = 0`` and ``lse = −inf``.
+    """
+    acc = torch.promote_types(q_latent.dtype, torch.float32)
+    t_max = cache.shape[1]
+    visible = torch.arange(t_max, device=cache.device)[None, :] < lengths.to(cache.device, torch.int64)[:, None]
+    logits = torch.bmm(q_latent.to(acc), cache.to(acc).transpose(1, 2)) * softmax_scale  # [B, H, T_max]
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, H]; -inf where nothing is visible
+    probs = torch.exp(logits - lse[..., None].clamp_min(torch.finfo(acc).min))  # rows with nothing visible: 0
+    o = torch.bmm(probs, cache[..., :kv_lora_rank].to(acc))  # [B, H, r]
+    return o.to(q_latent.dtype), lse.float()
