@@ -1,6 +1,6 @@
 """k2.infer engine: cached generation equals recomputing the full forward at every step (greedy, prompts of
-different lengths batched, more prompts than slots), for the fused decode step and for the model's own cache
-protocol; the cache holds exactly kv_lora_rank + qk_rope_head_dim values per token per layer and they are the
+different lengths batched, more prompts than slots: the model's prefill and its mla_decode steps over the cache);
+the cache holds exactly kv_lora_rank + qk_rope_head_dim values per token per layer and they are the
 model's latents; log-probs, seeded sampling independent of batching, stops, limits, abort."""
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ def _full_forward_greedy(model, prompt, steps):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("fused_decode", [True, False], ids=["fused", "model_protocol"])
-def test_cached_greedy_equals_full_forward(variant, fused_decode):
+def test_cached_greedy_equals_full_forward(variant):
     model = _model(**VARIANTS[variant])
     prompts = _prompts([7, 1, 23, 12, 3])
-    engine = Engine(model, max_batch_size=3, max_seq_len=64, fused_decode=fused_decode)  # 5 prompts, 3 slots
+    engine = Engine(model, max_batch_size=3, max_seq_len=64)  # 5 prompts, 3 slots
     outs = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0))
     for prompt, out in zip(prompts, outs, strict=True):
         tokens, lps = _full_forward_greedy(model, prompt, 10)
@@ -101,15 +100,18 @@ def test_cache_holds_only_the_latent_and_it_is_the_models():
         torch.testing.assert_close(cached, latents[i], atol=1e-5, rtol=1e-5)
 
 
-def test_cache_bind_masks_padding_and_causality():
+def test_cache_bind_gives_each_row_its_visible_length():
     cache = LatentCache(presets.tiny(), num_slots=3, max_len=8)
-    cache.bind(1, starts=[0, 0], num_new=4, valid=[4, 2])
-    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.equal(cache.mask[0], expected)
-    assert torch.equal(cache.mask[1], expected & torch.tensor([1, 1, 0, 0], dtype=torch.bool))
+    cache.bind(1, starts=[0, 0], num_new=4, valid=[4, 2])  # prefill: row 1's prompt is 2 tokens + 2 padding
+    r, dr = cache.kv_lora_rank, cache.qk_rope_head_dim
+    kv, lengths = cache.update(0, torch.ones(2, 4, r), torch.full((2, 4, dr), 2.0))
+    assert kv.shape == (2, 4, r + dr) and lengths.dtype == torch.int32 and lengths.tolist() == [4, 2]
     assert cache.lengths == [0, 4, 2]
-    cache.bind(1, starts=[4, 2], num_new=1)  # decode: row 1 sees keys 0..2 only
-    assert torch.equal(cache.mask[:, 0], torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool))
+    assert torch.equal(cache.kv[0, 1:3, :4, :r], torch.ones(2, 4, r)) and cache.kv[0, 0].abs().sum() == 0
+    cache.bind(1, starts=[4, 2], num_new=1)  # decode: row 1's new token at position 2 overwrites the padding
+    kv, lengths = cache.update(0, torch.full((2, 1, r), 3.0), torch.zeros(2, 1, dr))
+    assert kv.shape == (2, 5, r + dr) and lengths.tolist() == [5, 3]
+    assert cache.kv[0, 2, 2, 0] == 3.0 and cache.kv[0, 2, 3, 0] == 1.0 and cache.kv[0, 1, 4, 0] == 3.0
     with pytest.raises(ValueError, match="max_len"):
         cache.bind(0, starts=[8], num_new=1)
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from k2.errors import ConfigError
-from k2.model import ModelConfig, Transformer, count_parameters, presets
+from k2.model import ModelConfig, Transformer, count_parameters, document_layout, presets
 from k2.model.loss import linear_cross_entropy
-from k2.model.moe import MoE
+from k2.model.moe import Experts, MoE
 from k2.model.rope import apply_rope
 
 YARN = {
@@ -43,35 +43,28 @@ def _model(seed: int = 0, **changes) -> Transformer:
 
 
 class DenseCache:
-    """The latent-cache protocol over preallocated [B, T_max, ...] buffers, one per layer (test oracle)."""
+    """The latent-cache protocol over one preallocated ``[B, T_max, r + dr]`` buffer per layer, every row at the same
+    length (test oracle)."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int) -> None:
         c = model.config
-        self.c_kv = [torch.zeros(batch, max_len, c.kv_lora_rank) for _ in range(c.num_hidden_layers)]
-        self.k_rope = [torch.zeros(batch, max_len, c.qk_rope_head_dim) for _ in range(c.num_hidden_layers)]
+        width = c.kv_lora_rank + c.qk_rope_head_dim
+        self.kv = [torch.zeros(batch, max_len, width) for _ in range(c.num_hidden_layers)]
         self.length = [0] * c.num_hidden_layers
 
     def update(self, layer_idx, c_kv, k_rope):
         start = self.length[layer_idx]
         end = start + c_kv.shape[1]
-        self.c_kv[layer_idx][:, start:end] = c_kv
-        self.k_rope[layer_idx][:, start:end] = k_rope
+        self.kv[layer_idx][:, start:end] = torch.cat((c_kv, k_rope), -1)
         self.length[layer_idx] = end
-        q_pos = torch.arange(start, end)[:, None]
-        mask = (torch.arange(end)[None, :] <= q_pos).expand(c_kv.shape[0], -1, -1)  # [B, S, T]
-        return self.c_kv[layer_idx][:, :end], self.k_rope[layer_idx][:, :end], mask
+        return self.kv[layer_idx][:, :end], torch.full((c_kv.shape[0],), end, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_absorbed_equals_expanded(variant):
+def test_cache_prefill_then_decode_equals_full_forward(variant):
+    """Prefill (expanded path, ``mla_attention``) then one token at a time (absorbed path, ``mla_decode``) give the
+    logits of one full forward: the two attention paths are the same function."""
     model = _model(**VARIANTS[variant]).eval()
-    x = torch.randint(0, 512, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, absorb=True), model(x, absorb=False), atol=2e-5, rtol=2e-5)
-
-
-def test_cache_prefill_then_decode_equals_full_forward():
-    model = _model(q_lora_rank=None, rope_scaling=YARN).eval()
     x = torch.randint(0, 512, (2, 20))
     with torch.no_grad():
         full = model(x)
@@ -82,9 +75,55 @@ def test_cache_prefill_then_decode_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=2e-5)
 
 
+def test_a_cached_forward_of_several_tokens_must_start_at_zero():
+    model = _model().eval()
+    x = torch.randint(0, 512, (1, 8))
+    cache = DenseCache(model, 1, 16)
+    with torch.no_grad():
+        model(x[:, :4], positions=torch.arange(4)[None], cache=cache)
+        with pytest.raises(ValueError, match="must start at position 0"):
+            model(x[:, 4:], positions=torch.arange(4, 8)[None], cache=cache)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_documents_equal_separate_rows(variant):
+    """Three documents packed in one row with ``cu_seqlens`` (positions restarting per document) give each
+    document's logits, loss and max logits alone: no token attends across a boundary."""
+    model = _model(**VARIANTS[variant])
+    docs = [torch.randint(0, 512, (n,)) for n in (5, 1, 9)]
+    positions, cu = document_layout([[5, 1, 9]], 15)
+    assert cu.tolist() == [0, 5, 6, 15] and positions[0].tolist() == [*range(5), 0, *range(9)]
+    packed = torch.cat(docs)[None]  # [1, 15]
+    model.train()
+    with torch.no_grad():
+        got = model(packed, cu_seqlens=cu)  # positions derived from cu_seqlens
+        got_max = model.max_attention_logits().clone()
+        model.reset_max_attention_logits()
+        alone = torch.cat([model(d[None])[0] for d in docs])
+        want_max = model.max_attention_logits()
+        torch.testing.assert_close(model(packed, positions, cu_seqlens=cu), got)
+    torch.testing.assert_close(got[0], alone, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got_max, want_max, atol=1e-5, rtol=1e-5)
+    labels = torch.randint(0, 512, (1, 15))
+    labels[0, 4] = labels[0, 5] = -100  # the last token of a document has no target inside it
+    model.eval()
+    with torch.no_grad():
+        packed_loss = model.loss(packed, labels, cu_seqlens=cu)
+        targets = labels[0].split([5, 1, 9])
+        sums = [F.cross_entropy(model(d[None])[0], t, reduction="sum") for d, t in zip(docs, targets, strict=True)]
+    torch.testing.assert_close(packed_loss, torch.stack(sums).sum() / (labels != -100).sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_document_layout_pads_rows_and_rejects_overflow():
+    positions, cu = document_layout([[3], [2, 2]], 5)
+    assert cu.tolist() == [0, 3, 5, 7, 9, 10] and positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 0]]
+    with pytest.raises(ValueError, match="row 0"):
+        document_layout([[4, 2]], 5)
+
+
 def _brute_force_max_logits(model: Transformer, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
     """Recompute every layer's q·k from the weights with an explicit causal mask, via forward pre-hooks (q and k
-    under the same autocast as the model's forward, their products in fp32)."""
+    under the same autocast as the model's forward and rounded to its dtype, their products in fp32)."""
     rows = []
 
     def hook(attn, args):
@@ -99,7 +138,9 @@ def _brute_force_max_logits(model: Transformer, x: torch.Tensor, amp: torch.dtyp
             apply_rope(kv[..., attn.kv_lora_rank :], cos, sin),
         )
         k_nope = attn.kv_b_proj(c_kv).view(b, s, attn.num_heads, -1)[..., : attn.qk_nope_head_dim]
-        with torch.autocast("cpu", enabled=False):  # fp32 products of the (possibly bf16) q and k
+        # The attention's inputs are q and k in the autocast dtype (as SDPA's), their products fp32.
+        q_nope, q_rope, k_nope, k_rope = (t.to(amp or torch.float32) for t in (q_nope, q_rope, k_nope, k_rope))
+        with torch.autocast("cpu", enabled=False):
             q_nope, q_rope, k_nope, k_rope = q_nope.float(), q_rope.float(), k_nope.float(), k_rope.float()
             logits = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
         logits = logits * attn.softmax_scale
@@ -114,14 +155,13 @@ def _brute_force_max_logits(model: Transformer, x: torch.Tensor, amp: torch.dtyp
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("absorb", [False, True])
-def test_max_attention_logits_match_brute_force(absorb):
+def test_max_attention_logits_match_brute_force():
     model = _model(rope_scaling=YARN)
     with torch.no_grad():  # make some heads produce large logits, at different positions
         model.layers[1].self_attn.q_b_proj.weight.mul_(8.0)
     x = torch.randint(0, 512, (3, 17))
     model.train()
-    model(x, absorb=absorb)
+    model(x)
     got = model.max_attention_logits()
     assert got.shape == (4, 4) and got.dtype == torch.float32
     torch.testing.assert_close(got, _brute_force_max_logits(model, x), atol=1e-4, rtol=1e-4)
@@ -129,8 +169,7 @@ def test_max_attention_logits_match_brute_force(absorb):
 
 def test_max_logits_are_fp32_under_bf16_autocast():
     """Under bf16 autocast the logits QK-Clip judges are the fp32 products of the bf16 q and k, not bf16-rounded
-    (rounding moves a logit near τ by up to 2^-9 of itself: a head just above τ could escape the clip). The
-    training path (expanded); the absorbed one never forms k, so its fp32 logits differ by k's rounding."""
+    (rounding moves a logit near τ by up to 2^-9 of itself: a head just above τ could escape the clip)."""
     model = _model()
     with torch.no_grad():
         model.layers[1].self_attn.q_b_proj.weight.mul_(8.0)
@@ -181,27 +220,6 @@ def test_max_logits_respect_causal_mask_and_switches():
     torch.testing.assert_close(model.max_attention_logits(), before)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_max_logits_recompute_path_in_chunks(monkeypatch, with_mask):
-    """The SDPA devices' recording (a second q·kᵀ in row chunks) against an explicit masked max."""
-    import k2.model.mla as mla
-
-    attn = _model().layers[0].self_attn
-    torch.manual_seed(3)
-    b, h, s, t = 2, 4, 11, 15
-    q, k = torch.randn(b, h, s, 48), torch.randn(b, h, t, 48)
-    if with_mask:
-        mask = torch.rand(b, s, t) > 0.3
-        mask[:, :, 0] = True
-    else:  # causal with a 4-token prefix (chunked prefill): query i sees keys <= i + 4
-        mask = None
-    visible = mask[:, None] if with_mask else (torch.arange(t)[None] <= torch.arange(s)[:, None] + (t - s))
-    expected = (q @ k.transpose(-1, -2) * attn.softmax_scale).masked_fill(~visible, float("-inf")).amax(dim=(0, 2, 3))
-    monkeypatch.setattr(mla, "_MAX_LOGIT_CHUNK_ELEMENTS", b * h * t * 3)  # 3 query rows per chunk
-    attn._record_expanded(q, k, mask)
-    torch.testing.assert_close(attn.max_logits, expected)
-
-
 def _per_expert_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The MoE layer as a plain loop over experts (transformers' eager layout)."""
     x_td = x.reshape(-1, x.shape[-1])
@@ -219,8 +237,11 @@ def _per_expert_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return (out + moe.shared_experts(x_td)).view_as(x)
 
 
+@pytest.mark.parametrize("few_rows", [0, 1 << 30], ids=["grouped_gemm", "few_tokens"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_grouped_moe_equals_per_expert_loop(variant):
+def test_moe_equals_per_expert_loop(variant, few_rows, monkeypatch):
+    """Both expert paths (permute + grouped GEMMs; the small-token-count loop of a decode step) equal the oracle."""
+    monkeypatch.setattr(Experts, "FEW_ROWS", few_rows)
     model = _model(**VARIANTS[variant])
     moe = model.layers[1].mlp
     with torch.no_grad():  # starve two experts so that some receive no tokens

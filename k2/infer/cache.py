@@ -5,9 +5,9 @@ contiguous range of slots), S new tokens per row, T keys visible to the forward,
 qk_rope_head_dim.
 
 Layout: one buffer ``kv [L, N, T_max, r + dr]`` holding ``[c_kv | k_rope]`` of every cached token (the latent
-after ``kv_a_layernorm`` and the rotated shared rope key). Keeping both halves in one row lets the absorbed decode
-score a query against ``[c_kv | k_rope]`` with a single batched matmul (``k2.infer.decode``) and lets
-:meth:`update` return plain views (no copies) for the model's cache protocol.
+after ``kv_a_layernorm`` and the rotated shared rope key). Keeping both halves in one row is the layout
+``k2.ops.mla_decode`` scores a query against (FlashMLA's), and lets :meth:`update` return a plain view (no copy)
+for the model's cache protocol.
 
 Contiguous slots rather than pages, because:
 - on CPU (and in PyTorch without a paged-attention kernel) pages must be gathered into contiguous tensors every
@@ -19,10 +19,11 @@ Contiguous slots rather than pages, because:
 
 Protocol (``k2.model.mla``): before each forward the engine calls :meth:`bind` with the rows' slots, start
 positions and valid lengths; the model then calls ``update(layer_idx, c_kv [B, S, r], k_rope [B, S, dr])``, which
-writes the new entries at each row's positions and returns ``(c_kv_all [B, T, r], k_rope_all [B, T, dr], mask
-[B, S, T])``. Mask: query ``s`` of row ``b`` (position ``start_b + s``) may attend to key ``t`` iff
-``t <= start_b + s`` and ``t < start_b + valid_b``; rows padded beyond ``valid_b`` write entries that are never
-visible and are overwritten by the row's next tokens.
+writes the new entries at each row's positions and returns ``(kv [B, T, r + dr], lengths [B] int32)``: the bound
+rows' cache and ``start_b + valid_b``, the keys row b's last real token sees. A prefill binds every row at start 0
+(the model attends over the S new tokens, each row's first ``valid_b`` being its prompt); a decode step binds one
+new token per row. Rows padded beyond ``valid_b`` write entries that are never visible and are overwritten by the
+row's next tokens.
 """
 
 from __future__ import annotations
@@ -88,28 +89,22 @@ class LatentCache:
         self._visible = end  # T
         self._same_start = all(s == starts[0] for s in starts)
         self._starts = list(starts)
-        start_t = torch.tensor(starts, device=device)[:, None, None]  # [B, 1, 1]
-        limit = start_t + torch.tensor(valid, device=device)[:, None, None]  # [B, 1, 1]
-        q_pos = start_t + torch.arange(num_new, device=device)[None, :, None]  # [B, S, 1]
-        t = torch.arange(end, device=device)[None, None, :]  # [1, 1, T]
-        self.mask = (t <= q_pos) & (t < limit)  # [B, S, T]
+        self._lengths = torch.tensor([s + v for s, v in zip(starts, valid, strict=True)], dtype=torch.int32)
+        self._lengths = self._lengths.to(device)  # [B]
         if num_new == 1:
             self._write_index = (torch.arange(b, device=device), torch.tensor(starts, device=device))
         for slot, s, v in zip(range(first_slot, first_slot + b), starts, valid, strict=True):
             self.lengths[slot] = s + v
 
-    def update(
-        self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write ``c_kv [B, S, r]`` and ``k_rope [B, S, dr]``; return ``(c_kv_all [B, T, r], k_rope_all [B, T, dr],
-        mask [B, S, T])`` as views of the buffer (valid until the next write)."""
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``c_kv [B, S, r]`` and ``k_rope [B, S, dr]``; return ``(kv [B, T, r + dr], lengths [B] int32)``,
+        ``kv`` a view of the buffer (valid until the next write)."""
         if self._rows is None:
             raise RuntimeError("LatentCache.update: call bind() before the forward")
-        self.write(layer_idx, torch.cat((c_kv, k_rope), dim=-1))
-        kv = self.kv[layer_idx, self._rows, : self._visible]  # [B, T, r + dr]
-        return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank :], self.mask
+        self._write(layer_idx, torch.cat((c_kv, k_rope), dim=-1))
+        return self.kv[layer_idx, self._rows, : self._visible], self._lengths
 
-    def write(self, layer_idx: int, entries: torch.Tensor) -> None:
+    def _write(self, layer_idx: int, entries: torch.Tensor) -> None:
         """Store ``entries [B, S, r + dr]`` at the bound rows' positions."""
         buf = self.kv[layer_idx, self._rows]  # [B, T_max, r + dr]
         s = self._num_new
@@ -122,10 +117,6 @@ class LatentCache:
         else:
             for row, start in enumerate(self._starts):
                 buf[row, start : start + s] = entries[row]
-
-    def visible(self, layer_idx: int) -> torch.Tensor:
-        """``[B, T, r + dr]`` view of the bound rows' cache (for the fused decode)."""
-        return self.kv[layer_idx, self._rows, : self._visible]
 
     # ---- slot management ---------------------------------------------------------------------------------------
 

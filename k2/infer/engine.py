@@ -7,8 +7,8 @@ Requests wait in a FIFO queue; at most ``max_batch_size`` run at once, each in o
 - admits waiting requests (while slots are free and the padded prefill stays within ``max_prefill_tokens``) and
   prefills them together: one ``Transformer`` forward over their prompts, right-padded, through the model's
   cache protocol and its expanded MLA path; then samples each one's first token; or
-- decodes one token for every running request: one forward with S == 1 through the absorbed path
-  (``k2.infer.decode.decode_step``, or the model's own forward with ``fused_decode=False``).
+- decodes one token for every running request: one model forward with S == 1 (the model's absorbed MLA decode
+  over the latent cache, ``k2.ops.mla_decode``).
 Admission comes first, so a new request waits at most one step; finished requests free their slot at once and
 the running set is kept in slots ``0..n-1`` (see ``k2.infer.cache``).
 
@@ -30,7 +30,6 @@ import torch
 
 from k2.data.tokenizer import Tokenizer
 from k2.infer.cache import LatentCache
-from k2.infer.decode import decode_step
 from k2.infer.detok import IncrementalDetokenizer
 from k2.infer.sampling import sample
 from k2.model import Transformer
@@ -115,14 +114,12 @@ class Engine:
         max_batch_size: int = 8,
         max_seq_len: int | None = None,
         max_prefill_tokens: int = 8192,
-        fused_decode: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_seq_len = min(max_seq_len or 4096, model.config.max_position_embeddings)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.fused_decode = fused_decode
         param = next(model.parameters())
         self.device = param.device
         self.cache = LatentCache(model.config, max_batch_size, self.max_seq_len, dtype=param.dtype, device=param.device)
@@ -222,8 +219,6 @@ class Engine:
         starts = [s.length - 1 for s in seqs]  # position of each row's newest token, not yet cached
         positions = torch.tensor(starts, device=self.device)
         self.cache.bind(0, starts, 1)
-        if self.fused_decode:
-            return decode_step(self.model, tokens, positions, self.cache)
         return self.model(tokens[:, None], positions[:, None], self.cache)[:, 0]
 
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:

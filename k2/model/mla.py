@@ -1,32 +1,33 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DeepSeek-V3; k2-reference §2.3), with QK-Clip's max logits.
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DeepSeek-V3), with QK-Clip's max logits (K2 report §2.1).
 
-Dimension legend: B batch, S query length, T key length (S, or the cache length), D model dim, H heads,
-dn/dr/dv the nope/rope/value head dims, r kv_lora_rank.
+Dimension legend: B batch, S query length, T key length (the cache length when decoding), D model dim, H heads,
+dn/dr/dv the nope/rope/value head dims, r kv_lora_rank, N documents.
 
     q            = q_proj(x)  or  q_b_proj(RMSNorm(q_a_proj(x)))        [B, S, H, dn + dr]
     c_kv, k_rope = kv_a_proj_with_mqa(x)                                [B, S, r], [B, S, dr] (one shared key)
     c_kv         = kv_a_layernorm(c_kv)                                 the latent that a cache stores
-    k_nope, v    = kv_b_proj(c_kv)                                      [B, T, H, dn], [B, T, H, dv]
+    k_nope, v    = kv_b_proj(c_kv)                                      [B, S, H, dn], [B, S, H, dv]
     o            = softmax(scale · [q_nope, rope(q_rope)]·[k_nope, rope(k_rope)]ᵀ) v  → o_proj
 
-Two equal ways to attend:
-- expanded (training, prefill): up-project the latent to per-head keys/values and call SDPA;
-- absorbed (decode): fold ``W_uk`` into the query and ``W_uv`` into the output, and attend in the r-dim latent
-  space, so a step reads only ``[T, r + dr]`` per sequence instead of ``[T, H, dn + dv]``.
+Two equal ways to attend, each one kernel family op (``k2.ops``, dispatched by device and dtype there):
+- expanded (training, prefill): up-project the latent to per-head keys/values and call ``k2.ops.mla_attention``
+  on the ``B·S`` tokens packed as documents (``cu_seqlens``: one per row by default, or the caller's documents, so
+  packed rows can keep documents apart);
+- absorbed (decode, one new token per row): fold ``W_uk`` into the query and ``W_uv`` into the output and attend
+  in the r-dim latent space with ``k2.ops.mla_decode``, which reads only the cached ``[T, r + dr]`` rows per
+  sequence instead of ``[T, H, dn + dv]``.
 
 Max logits: in training mode (and unless switched off) each forward folds into ``max_logits [H]`` (fp32) the
-per-head max over the batch of the pre-softmax logit ``scale · q·k`` over causally visible pairs, for QK-Clip (K2
-report §2.1). It is a running max over every training forward since it was last consumed: QK-Clip
-(``k2.optim.qk_clip_``) reads it and resets it to −inf, so gradient-accumulation micro-batches all count and a step
-never clips twice from the same forward. The logits behind it are fp32 products of the (possibly bf16) q and k,
-also under autocast, so a head near τ is judged on its unrounded logit. On CPU the expanded path computes
-attention with explicit fp32 logits (SDPA's CPU flash kernel needs ``dv == dn + dr``, so SDPA would run the same
-math anyway) and reads the max from them. On other devices SDPA does not return it, so ``q·kᵀ`` is computed once
-more under ``no_grad``, in row chunks (bounded memory, keys cut at the chunk's causal frontier) until a fused MLA
-kernel returns it; ``tools/bench_model.py`` measures the cost.
+per-head max of the pre-softmax logit ``scale · q·k`` over the visible pairs, which ``mla_attention`` returns from
+its online softmax (fp32 products, also of bf16 inputs under autocast). It is a running max over every training
+forward since it was last consumed: QK-Clip (``k2.optim.qk_clip_``) reads it and resets it to −inf, so
+gradient-accumulation micro-batches all count and a step never clips twice from the same forward. Decoding (a
+cache) records nothing: QK-Clip watches training forwards.
 
-Latent cache protocol: ``cache.update(layer_idx, c_kv [B, S, r], k_rope [B, S, dr]) -> (c_kv_all [B, T, r],
-k_rope_all [B, T, dr], mask [B, S, T] bool, True = may attend)``; ``k_rope`` is already rotated.
+Latent cache protocol: ``cache.update(layer_idx, c_kv [B, S, r], k_rope [B, S, dr]) -> (kv [B, T, r + dr],
+lengths [B] int32)``: the rows' cached ``[c_kv | k_rope]`` (``k_rope`` already rotated) including the new entries,
+and the number of keys each row's last new token sees. A forward of S > 1 tokens with a cache is a prefill from
+position 0 (T == S): row b's first ``lengths[b]`` tokens are its prompt, the rest padding (a separate document).
 """
 
 from __future__ import annotations
@@ -34,20 +35,16 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from k2.model.config import ModelConfig
+from k2.model.documents import row_documents
 from k2.model.rope import RMSNorm, apply_rope
-
-# Upper bound on the elements of one chunk of logits recomputed for max-logit recording (64 MiB of fp32).
-_MAX_LOGIT_CHUNK_ELEMENTS = 1 << 24
+from k2.ops import mla_attention, mla_decode
 
 
 class LatentCache(Protocol):
-    def update(
-        self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def update(self, layer_idx: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KeepFP32Buffers(nn.Module):
@@ -97,10 +94,11 @@ class MLA(KeepFP32Buffers):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LatentCache | None = None,
-        absorb: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x [B, S, D]``, ``cos/sin [B, S, dr/2]`` → ``[B, S, D]``. ``absorb=None``: absorbed iff decoding
-        (a cache and S == 1)."""
+        """``x [B, S, D]``, ``cos/sin [B, S, dr/2]`` → ``[B, S, D]``. Without a cache: causal attention within each
+        row, or within each document of ``cu_seqlens [N+1]`` (int32, over the flattened ``B·S`` tokens). With a
+        cache: a decode step (S == 1) or a prefill from position 0 (see the module docstring)."""
         b, s, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(b, s, self.num_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
@@ -108,106 +106,59 @@ class MLA(KeepFP32Buffers):
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, r]
         k_rope = apply_rope(k_rope, cos, sin)  # [B, S, dr]
-        mask = None  # None: plain causal attention over these S positions
-        if cache is not None:
-            c_kv, k_rope, mask = cache.update(self.layer_idx, c_kv, k_rope)  # [B, T, r], [B, T, dr], [B, S, T]
-        if absorb if absorb is not None else (cache is not None and s == 1):
-            o = self._attend_latent(q_nope, q_rope, c_kv, k_rope, mask)
+        if cache is None:
+            documents = row_documents(b, s, x.device) if cu_seqlens is None else cu_seqlens
+            o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, documents)
         else:
-            o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, mask)
+            if cu_seqlens is not None:
+                raise ValueError("MLA: cu_seqlens (packed documents) cannot be combined with a cache")
+            kv, lengths = cache.update(self.layer_idx, c_kv, k_rope)  # [B, T, r + dr], [B]
+            if s == 1:
+                o = self._attend_latent(q_nope, q_rope, kv, lengths)
+            elif kv.shape[1] == s:
+                o = self._attend_expanded(q_nope, q_rope, c_kv, k_rope, _prompt_documents(lengths, s))
+            else:
+                raise ValueError(f"MLA: a forward of S = {s} > 1 tokens with a cache must start at position 0")
         return self.o_proj(o.flatten(2))  # o [B, S, H, dv]
 
     def _recording(self) -> bool:
         return self.training and self.record_max_logits
 
-    def _record(self, head_max: torch.Tensor) -> None:
-        """Fold one forward's ``head_max [H]`` into the running max (see the module docstring)."""
-        self.max_logits = torch.maximum(self.max_logits, head_max.detach().float())
-
-    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
-        b, t, h = c_kv.shape[0], c_kv.shape[1], self.num_heads
-        k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, -1).split([self.qk_nope_head_dim, self.v_head_dim], -1)
-        q = torch.cat((q_nope, q_rope), -1).transpose(1, 2)  # [B, H, S, dn + dr]
-        k = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, h, -1)), -1).transpose(1, 2)  # [B, H, T, dn + dr]
-        v = v.transpose(1, 2)  # [B, H, T, dv]
-        if q.device.type == "cpu":
-            o = self._eager_attention(q, k, v, mask)
-        else:
-            attn_mask = None if mask is None else mask[:, None]
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=mask is None, scale=self.softmax_scale
-            )  # [B, H, S, dv]
-            if self._recording():
-                self._record_expanded(q.detach(), k.detach(), mask)
-        return o.transpose(1, 2)
-
-    def _eager_attention(self, q, k, v, mask) -> torch.Tensor:
-        """Attention with explicit logits: on CPU, SDPA has no fused kernel for ``dv != dn + dr`` and falls back to
-        the same math, so the max logits come for free here instead of from a second ``q·kᵀ``. The scale and the
-        additive mask are fused into one ``baddbmm``, in fp32 whatever the autocast state: the softmax runs in fp32
-        anyway, and the recorded maxima must not be bf16-rounded."""
-        b, h, s, _ = q.shape
-        t = k.shape[2]
-        if mask is None:
-            allowed = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)  # [S, T]
-        else:
-            allowed = mask[:, None].expand(b, h, s, t).reshape(b * h, s, t)  # [B*H, S, T]
-        bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
-        with torch.autocast(q.device.type, enabled=False):
-            logits = torch.baddbmm(
-                bias,
-                q.reshape(b * h, s, -1).float(),
-                k.reshape(b * h, t, -1).transpose(1, 2).float(),
-                alpha=self.softmax_scale,
-            )  # [B*H, S, T] fp32
-        if self._recording():
-            self._record(logits.detach().view(b, h, s, t).amax(dim=(0, 2, 3)))
-        probs = torch.softmax(logits, dim=-1).to(v.dtype)
-        return (probs @ v.reshape(b * h, t, -1)).view(b, h, s, -1)  # [B, H, S, dv]
-
-    @torch.no_grad()
-    def _record_expanded(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
-        b, h, s, _ = q.shape
-        t = k.shape[2]
-        rows = max(1, _MAX_LOGIT_CHUNK_ELEMENTS // max(1, b * h * t))
-        best = torch.full((h,), float("-inf"), device=q.device)
-        q, k = q.float(), k.float()  # fp32 logits also under autocast (no bf16 rounding of the maxima)
-        for start in range(0, s, rows):
-            end = min(s, start + rows)
-            keys = end + (t - s) if mask is None else t  # causal: chunk rows see keys < end (+ any prefix)
-            with torch.autocast(q.device.type, enabled=False):
-                logits = (q[:, :, start:end] @ k[:, :, :keys].transpose(-1, -2)) * self.softmax_scale
-            if mask is None:
-                i = torch.arange(start, end, device=q.device)[:, None] + (t - s)
-                visible = torch.arange(keys, device=q.device)[None, :] <= i  # [rows, keys]
-            else:
-                visible = mask[:, None, start:end]  # [B, 1, rows, T]
-            logits = logits.masked_fill(~visible, float("-inf"))
-            best = torch.maximum(best, logits.amax(dim=(0, 2, 3)))
-        self._record(best)
-
-    def _attend_latent(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
-        s, t = q_nope.shape[1], c_kv.shape[1]
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # [H, dn, r], [H, dv, r]
+    def _attend_expanded(self, q_nope, q_rope, c_kv, k_rope, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Up-projected keys/values, ``mla_attention`` over the ``B·S`` tokens as documents → ``[B, S, H, dv]``."""
+        b, s, h = c_kv.shape[0], c_kv.shape[1], self.num_heads
+        k_nope, v = self.kv_b_proj(c_kv).view(b, s, h, -1).split([self.qk_nope_head_dim, self.v_head_dim], -1)
+        q = torch.cat((q_nope, q_rope), -1).flatten(0, 1)  # [B*S, H, dn + dr]
+        k = torch.cat((k_nope, k_rope[:, :, None].expand(-1, -1, h, -1)), -1).flatten(0, 1)  # [B*S, H, dn + dr]
         recording = self._recording()
-        if recording:  # recorded maxima come from fp32 logits, also under autocast
-            with torch.autocast(c_kv.device.type, enabled=False):
-                logits = _latent_logits(*(t.float() for t in (q_nope, w_uk, q_rope, c_kv, k_rope)))
-        else:
-            logits = _latent_logits(q_nope, w_uk, q_rope, c_kv, k_rope)
-        logits = logits.float() * self.softmax_scale  # [B, H, S, T]
-        if mask is None:
-            mask = torch.ones(s, t, dtype=torch.bool, device=c_kv.device).tril(t - s)[None]  # [1, S, T]
-        logits = logits.masked_fill(~mask[:, None], float("-inf"))
-        if recording:
-            self._record(logits.detach().amax(dim=(0, 2, 3)))
-        p = torch.softmax(logits, dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhst,btr->bshr", p, c_kv)  # [B, S, H, r]
-        return torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # [B, S, H, dv]
+        o, _, *max_logits = mla_attention(
+            q,
+            k,
+            v.flatten(0, 1),  # [B*S, H, dv]
+            softmax_scale=self.softmax_scale,
+            causal=True,
+            cu_seqlens=cu_seqlens,
+            return_max_logits=recording,
+        )
+        if recording:  # fold this forward's [H] maxima into the running max (see the module docstring)
+            self.max_logits = torch.maximum(self.max_logits, max_logits[0])
+        return o.view(b, s, h, -1)
+
+    def _attend_latent(self, q_nope, q_rope, kv: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Absorbed decode of one token per row over the cached ``kv [B, T, r + dr]`` → ``[B, 1, H, dv]``."""
+        r = self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, r)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # [H, dn, r], [H, dv, r]
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), w_uk)  # [H, B, dn] @ [H, dn, r] → [H, B, r]
+        q_cat = torch.cat((q_lat.transpose(0, 1), q_rope[:, 0]), -1).to(kv.dtype)  # [B, H, r + dr]
+        o_lat, _ = mla_decode(q_cat, kv, lengths, softmax_scale=self.softmax_scale, kv_lora_rank=r)  # [B, H, r]
+        o = torch.bmm(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B, r] @ [H, r, dv]
+        return o.transpose(0, 1)[:, None]  # [B, 1, H, dv]
 
 
-def _latent_logits(q_nope, w_uk, q_rope, c_kv, k_rope) -> torch.Tensor:
-    """Unscaled absorbed logits ``(q_nope W_uk)·c_kv + q_rope·k_rope`` → ``[B, H, S, T]``."""
-    q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, H, r]
-    return torch.einsum("bshr,btr->bhst", q_lat, c_kv) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
+def _prompt_documents(lengths: torch.Tensor, s: int) -> torch.Tensor:
+    """Documents of a right-padded prefill: row b's prompt ``[0, lengths[b])`` and its padding → ``cu_seqlens
+    [2B+1]`` int32 (built on the device: no host sync)."""
+    starts = torch.arange(lengths.shape[0], device=lengths.device, dtype=torch.int32) * s
+    bounds = torch.stack((starts + lengths.int(), starts + s), dim=1).flatten()
+    return torch.cat((bounds.new_zeros(1), bounds))

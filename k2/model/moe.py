@@ -85,8 +85,14 @@ class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: each token's K copies are sorted by expert (``k2.ops.moe_permute``), run
     through three grouped GEMMs (:meth:`swiglu`) and combined with the routing weights (``k2.ops.moe_unpermute``).
 
+    A forward of at most ``FEW_ROWS`` token copies (a decode step) takes :meth:`_forward_few` instead: each selected
+    expert's SwiGLU as plain GEMMs on views of the stacked weights, where the permute / grouped-GEMM / unpermute
+    pipeline would cost more in fixed overhead than the few rows do in FLOPs (``tools/bench_infer.py``).
+
     This is the seam expert parallelism replaces from outside (``k2.parallel``): a module with the same
     ``forward`` contract that keeps only its rank's experts and exchanges the token copies between ranks."""
+
+    FEW_ROWS = 64  # token copies (T·K) up to which a forward loops over the selected experts
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -100,9 +106,32 @@ class Experts(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, D]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` → ``y [T, D]`` (``Σ_k w_k · expert_k(x)``) and
         ``tokens_per_expert [E]`` int64 (copies routed to each expert)."""
+        if topk_ids.numel() <= self.FEW_ROWS:
+            return self._forward_few(x_TD, topk_ids, topk_weights)
         x_sorted, row_map, offsets = moe_permute(x_TD, topk_ids, self.num_experts)  # [T*K, D], [T*K], [E]
         y = moe_unpermute(self.swiglu(x_sorted, offsets), row_map, topk_weights)  # [T, D]
         return y, torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+
+    def _forward_few(
+        self, x_TD: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for a few token copies: one SwiGLU per selected expert on its (expert-sorted) rows."""
+        flat = topk_ids.flatten()  # [T*K]
+        order = flat.argsort(stable=True)
+        token = order // topk_ids.shape[1]  # [T*K], the token of each expert-sorted row
+        x_sorted = x_TD[token]  # [T*K, D]
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        outs, start = [], 0
+        for e, n in zip(counts.nonzero()[:, 0].tolist(), counts[counts > 0].tolist(), strict=True):
+            xe = x_sorted[start : start + n]
+            act = F.silu(F.linear(xe, self.w_gate[e])) * F.linear(xe, self.w_up[e])  # [n, F]
+            outs.append(F.linear(act, self.w_down[e]))  # [n, D]
+            start += n
+        if not outs:  # no tokens
+            return torch.zeros_like(x_TD), counts
+        y_sorted = torch.cat(outs)  # [T*K, D]
+        y_sorted = y_sorted * topk_weights.flatten()[order, None].to(y_sorted.dtype)
+        return x_TD.new_zeros(x_TD.shape, dtype=y_sorted.dtype).index_add_(0, token, y_sorted), counts
 
     def swiglu(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """``x_sorted [N, D]`` grouped by expert, ``offsets [E]`` int32 cumulative row ends → ``[N, D]``."""

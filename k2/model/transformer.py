@@ -36,9 +36,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: LatentCache | None = None,
-        absorb: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, absorb)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cu_seqlens)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -76,19 +76,24 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: LatentCache | None = None,
-        absorb: bool | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states ``[B, S, D]`` (what the LM head reads)."""
+        """Final-norm hidden states ``[B, S, D]`` (what the LM head reads); arguments as :meth:`forward`."""
         if input_ids.dim() != 2:
             raise ValueError(f"Transformer: input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32):
+            raise ValueError(
+                f"Transformer: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype}{list(cu_seqlens.shape)}"
+            )
         if positions is None:
             if cache is not None:
                 raise ValueError("Transformer: positions [B, S] are required with a cache")
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            positions = _document_positions(input_ids, cu_seqlens)
         x = self.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = self.rotary_emb(positions, x.dtype)  # [B, S, dr/2]
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, absorb)
+            x = layer(x, cos, sin, cache, cu_seqlens)
         return self.norm(x)
 
     def forward(
@@ -97,16 +102,17 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: LatentCache | None = None,
         *,
-        absorb: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``input_ids [B, S]`` → logits ``[B, S, V]``.
 
-        Without a cache attention is causal over the S tokens (``positions`` default to ``0..S-1`` and only
-        move RoPE). With a cache, ``positions [B, S]`` are required and each layer attends over what
-        ``cache.update`` returns (see ``k2.model.mla``); ``absorb`` forces (True) or forbids (False) the
-        latent-space path, which by default is used for decode steps (S == 1).
+        Without a cache attention is causal within each row, or within each packed document when ``cu_seqlens
+        [N+1]`` (int32 cumulative document lengths over the flattened ``B·S`` tokens, every row boundary among them;
+        ``k2.model.document_layout`` builds it) is given; ``positions`` default to ``0..S-1`` per row, or per
+        document, and only move RoPE. With a cache, ``positions [B, S]`` are required and each layer decodes one
+        token per row over the cache, or prefills from position 0 (see ``k2.model.mla``).
         """
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, absorb))
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, cu_seqlens=cu_seqlens))
 
     def loss(
         self,
@@ -114,12 +120,15 @@ class Transformer(nn.Module):
         labels: torch.Tensor,
         ignore_index: int = -100,
         *,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy, ``labels [B, S]`` being the target of each position (already shifted),
-        computed in vocabulary-sized chunks (no full fp32 logits). In training with ``aux_loss_alpha > 0`` the
-        MoE layers' sequence-wise balance losses are added (see :meth:`aux_loss`)."""
-        h = self.hidden_states(input_ids)
+        computed in vocabulary-sized chunks (no full fp32 logits); ``positions``/``cu_seqlens`` as :meth:`forward`
+        (packed documents). In training with ``aux_loss_alpha > 0`` the MoE layers' sequence-wise balance losses
+        are added (see :meth:`aux_loss`)."""
+        h = self.hidden_states(input_ids, positions, cu_seqlens=cu_seqlens)
         ce = linear_cross_entropy(
             h.flatten(0, 1),
             self.lm_head.weight,
@@ -182,3 +191,13 @@ class Transformer(nn.Module):
         """Sum of the MoE layers' sequence-wise balance losses of the last forward (None when disabled)."""
         losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
+
+
+def _document_positions(input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """``[B, S]`` positions counting from 0 in each row, or in each document of ``cu_seqlens``."""
+    b, s = input_ids.shape
+    if cu_seqlens is None:
+        return torch.arange(s, device=input_ids.device).expand(b, s)
+    t = torch.arange(b * s, device=input_ids.device, dtype=torch.int32)
+    doc = torch.searchsorted(cu_seqlens, t, right=True) - 1  # the (non-empty) document holding token t
+    return (t - cu_seqlens[doc]).long().view(b, s)
