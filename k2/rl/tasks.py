@@ -1,0 +1,110 @@
+"""The built-in verifiable task of ``k2 rl``'s embedded default: arithmetic questions in the chat format, with an
+exact-answer reward.
+
+The questions are those the built-in SFT dialogues ask (``k2.data.toolgen``: "What is 412 plus 37?", "Compute
+412 + 37.", ...), so a model after ``k2 pretrain && k2 sft`` already answers some of them and RL has something to
+improve. Two environments:
+
+- ``arith``: single turn, no tools declared; the model must write the number itself;
+- ``arith_tools``: the ``calculator`` tool is declared and executed (``k2.data.toolgen.execute``); the model calls
+  it, reads the result (tool tokens are masked out of the loss) and answers, up to ``max_turns`` turns.
+
+The reward, :func:`exact_answer_reward`, is 1 when the last number in the final assistant message equals the
+``answer`` column, else 0. Problems are split by a hash of their expression: one in ten is held out (never
+sampled for training), and the held-out accuracy is measured on those.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from k2.data import toolgen
+from k2.rl.env import ChatEnv, Problem, RewardFn
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_OPS = (("+", "plus"), ("-", "minus"), ("*", "times"))
+HELDOUT_BUCKETS = 10  # one expression in HELDOUT_BUCKETS is held out
+
+
+def final_text(completion: Any) -> str:
+    """The graded text: a string as is, else the content of the last assistant message of a message list."""
+    if isinstance(completion, str):
+        return completion
+    for message in reversed(list(completion)):
+        if message.get("role") == "assistant":
+            return str(message.get("content") or "")
+    return ""
+
+
+def last_number(text: str) -> str | None:
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def exact_answer_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **_: Any) -> list:
+    """1.0 where the last number of the completion's final assistant message equals ``answer`` (numerically), else
+    0.0; ``None`` where a sample has no answer. The ``k2.rl.rewards`` contract."""
+    out: list[float | None] = []
+    for completion, want in zip(completions, answer, strict=True):
+        if want is None:
+            out.append(None)
+            continue
+        got = last_number(final_text(completion))
+        out.append(float(got is not None and float(got) == float(want)))
+    return out
+
+
+class ArithmeticTask:
+    """``a OP b`` with ``a`` in [0, max_a], ``b`` in [0, max_b], OP in + - *; ``heldout`` picks the held-out
+    tenth (by a CRC-32 of the expression) instead of the training nine tenths."""
+
+    def __init__(
+        self, *, max_a: int = 99, max_b: int = 9, tools: bool = False, heldout: bool = False, name: str | None = None
+    ) -> None:
+        self.max_a, self.max_b, self.tools, self.heldout = max_a, max_b, tools, heldout
+        self.name = name or ("arith_tools" if tools else "arith")
+
+    @staticmethod
+    def is_heldout(expression: str) -> bool:
+        return zlib.crc32(expression.encode()) % HELDOUT_BUCKETS == 0
+
+    def sample(self, rng: random.Random) -> Problem:
+        while True:
+            sym, word = rng.choice(_OPS)
+            a, b = rng.randint(0, self.max_a), rng.randint(0, self.max_b)
+            expr = f"{a} {sym} {b}"
+            if self.is_heldout(expr) == self.heldout:
+                break
+        question = rng.choice((f"What is {a} {word} {b}?", f"Compute {expr}.", f"calculate {a}{sym}{b}", f"{expr} = ?"))
+        tools = [toolgen.TOOLS["calculator"]] if self.tools else None
+        return Problem([{"role": "user", "content": question}], {"answer": toolgen.calculate(expr)}, tools)
+
+
+def calculator(name: str, arguments: dict[str, Any]) -> str:
+    """The built-in tools' simulators (``k2.data.toolgen.execute``) with a fresh key-value store."""
+    return toolgen.execute(name, arguments, {})
+
+
+BUILTIN_ENVS = ("arith", "arith_tools")
+
+
+def builtin_env(
+    name: str, tokenizer, *, reward: RewardFn | None = None, heldout: bool = False, max_turns: int = 3
+) -> ChatEnv:
+    """A built-in environment by name (:data:`BUILTIN_ENVS`), graded by ``reward`` (default
+    :func:`exact_answer_reward`)."""
+    if name not in BUILTIN_ENVS:
+        raise ValueError(f"unknown built-in environment {name!r}; choose from {', '.join(BUILTIN_ENVS)}")
+    tools = name == "arith_tools"
+    task = ArithmeticTask(tools=tools, heldout=heldout, name=name)
+    return ChatEnv(
+        task,
+        tokenizer,
+        reward or exact_answer_reward,
+        tool_fn=calculator if tools else None,
+        max_turns=max_turns if tools else 1,
+    )
