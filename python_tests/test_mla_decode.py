@@ -195,6 +195,14 @@ def test_bad_arguments_name_the_argument():
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernel", "reference"])
+def test_lengths_past_the_cache_are_refused(dtype):
+    """Checked on CPU by the kernel and, for the dtypes that run the reference, before it (which would clamp them)."""
+    q, cache, _, scale, r = make_inputs("ragged-0-1-Tmax", dtype)
+    with pytest.raises(ValueError, match=r"^k2\.ops\.mla_decode: argument 'lengths'.* got lengths\[2\] = 71$"):
+        mla_decode(q, cache, torch.tensor([0, 1, 71, 3, 3], dtype=torch.int32), softmax_scale=scale, kv_lora_rank=r)
+
+
 @pytest.mark.skipif(not NATIVE, reason="k2._C has no attention_decode CPU kernel")
 def test_kernel_checks_lengths_itself():
     """The custom op, called directly (as a compiled graph would), still refuses lengths past T_max on CPU."""

@@ -20,9 +20,25 @@ inputs (outputs, saved tensors, gradients, workspaces); on CUDA ``torch.cuda.max
 allocated bytes before. ``max_logits_cost_pct`` is k2's forward with ``return_max_logits`` on vs off: the median ratio
 over back-to-back pairs of runs. Table on stdout, JSON with --json.
 
+Decode section: ``k2.ops.mla_decode`` (absorbed MLA over the latent cache) against the eager absorbed decode the model
+ran before the op existed (k2/infer/decode.py: an ``baddbmm`` of ``[B, H, r + dr]`` queries against the cache rows
+with an additive mask, fp32 ``softmax``, ``bmm`` with the ``c_kv`` columns), at batch B in --decode-batches and T cached
+tokens in --decode-seqlens (all visible), Kimi-K2's r = 512 and dr = 64, heads scaled to fit (--decode-heads; K2 has
+64). The cache is one layer of a ``[2, B, T, r + dr]`` buffer, as ``LatentCache`` holds it. Columns: time (fastest of
+--repeat interleaved runs), GB/s of cache bytes read (B·T·(r + dr)·element size, read once), % of the read bandwidth
+measured in the same rounds (``torch.sum`` over the same bytes), and the speed-up of k2 over eager.
+
+On a small shared CPU, run the decode comparison with ``OMP_WAIT_POLICY=PASSIVE``: otherwise torch's OpenMP workers
+spin for a while after every eager op and take the cores from the k2 kernel that runs next (and the other way round),
+so interleaved timings measure that contention rather than the kernels.
+
+The attention section's default --seqlens stop at 4096: S = 8192 works (``--seqlens 8192``) but its eager [H, S, S]
+fp32 logits and their gradients take ~4 GiB at 4 heads and several minutes on two cores.
+
     python tools/bench_attention.py --json bench_attention.json
     python tools/bench_attention.py --seqlens 2048 --heads 8 --repeat 5
     python tools/bench_attention.py --device cuda --heads 64 --dtype bfloat16
+    python tools/bench_attention.py --sections decode --decode-batches 1,8 --decode-heads 16
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ import k2.ops
 from k2.ops import _native
 
 DQK, DV = 192, 128
+KV_LORA_RANK, ROPE_DIM = 512, 64  # Kimi-K2's latent cache row: [c_kv (r) | k_rope (dr)]
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
@@ -195,6 +212,55 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
     return rows
 
 
+# ---- decode ------------------------------------------------------------------------------------------------------
+
+
+def eager_decode(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """The eager absorbed decode of k2/infer/decode.py: ``[B, H, r + dr]`` queries over ``[B, T, r + dr]`` rows."""
+    logits = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=scale)  # [B, H, T]
+    p = torch.softmax(logits, dim=-1, dtype=torch.float32).to(kv.dtype)
+    return torch.bmm(p, kv[..., :KV_LORA_RANK])  # [B, H, r]
+
+
+def bench_decode(b: int, t: int, heads: int, dtype: torch.dtype, device: torch.device, repeat: int) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(b * 100_003 + t)
+    dim = KV_LORA_RANK + ROPE_DIM
+    scale = (128 + ROPE_DIM) ** -0.5
+    buffer = torch.randn(2, b, t, dim, device=device, generator=gen, dtype=dtype)  # [L, N, T_max, r + dr]
+    cache = buffer[1]  # one layer: [B, T, r + dr]
+    q = torch.randn(b, heads, dim, device=device, generator=gen, dtype=dtype)
+    lengths = torch.full((b,), t, dtype=torch.int32, device=device)
+    bias = torch.zeros(b, 1, t, device=device, dtype=dtype)  # all visible; the additive mask the eager path adds
+
+    def k2_decode() -> None:
+        k2.ops.mla_decode(q, cache, lengths, softmax_scale=scale, kv_lora_rank=KV_LORA_RANK)
+
+    def eager() -> None:
+        eager_decode(q, cache, bias, scale)
+
+    def read() -> None:  # the same bytes streamed once: the practical read bandwidth at this size
+        cache.sum()
+
+    with torch.no_grad():
+        times = interleaved_best({"k2": k2_decode, "eager": eager, "read": read}, device, repeat)
+    nbytes = cache.numel() * cache.element_size()
+    read_gbs = nbytes / times["read"] / 1e9
+    rows = []
+    for name in ("k2", "eager"):
+        row = {
+            "op": f"decode: {name}",
+            "shape": f"B={b} T={t} H={heads} r={KV_LORA_RANK} dr={ROPE_DIM} {str(dtype).removeprefix('torch.')}",
+            "ms": times[name] * 1e3,
+            "GBs": nbytes / times[name] / 1e9,
+            "pct_of_read": 100 * nbytes / times[name] / 1e9 / read_gbs,
+            "read_GBs": read_gbs,
+        }
+        if name == "k2":
+            row["speedup_vs_eager"] = times["eager"] / times["k2"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -202,8 +268,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=None, help="heads (default: 4 on CPU, 64 on CUDA)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sections", default="attention,decode", help="comma-separated: attention, decode")
+    parser.add_argument("--decode-batches", default="1,8", help="comma-separated B values of the decode section")
+    parser.add_argument("--decode-seqlens", default="512,1024,2048,4096,8192", help="comma-separated cached T values")
+    parser.add_argument("--decode-heads", type=int, default=None, help="decode heads (default: 16 on CPU, 64 on CUDA)")
     parser.add_argument("--json", help="write the rows and the machine description to this file")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"attention", "decode"}:
+        parser.error(f"--sections: expected attention and/or decode, got {args.sections}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
@@ -216,12 +289,26 @@ def main() -> None:
         flush=True,
     )
     rows = []
-    for s in (int(x) for x in args.seqlens.split(",")):
+    for s in (int(x) for x in args.seqlens.split(",")) if "attention" in sections else ():
         new = bench_seqlen(s, heads, dtype, device, args.repeat)
         print_rows(new, op_width=28, digits=2)
         rows += new
+    decode_kernel = "native kernel" if _native.has_kernel("attention_decode", device) else "PyTorch reference"
+    if "decode" in sections:
+        print(f"# k2.ops.mla_decode: {decode_kernel}", flush=True)
+    for b in (int(x) for x in args.decode_batches.split(",")) if "decode" in sections else ():
+        for t in (int(x) for x in args.decode_seqlens.split(",")):
+            decode_heads = args.decode_heads or (64 if device.type == "cuda" else 16)
+            new = bench_decode(b, t, decode_heads, dtype, device, args.repeat)
+            print_rows(new, op_width=28, digits=2)
+            rows += new
     if args.json:
-        info = {"device": str(device), "k2_kernel": kernel, "cpu_count": os.cpu_count()}
+        info = {
+            "device": str(device),
+            "k2_kernel": kernel,
+            "k2_decode_kernel": decode_kernel,
+            "cpu_count": os.cpu_count(),
+        }
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": rows}, f, indent=1)
 

@@ -56,12 +56,25 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
 
 
+def _fail(arg: str, what: str) -> None:
+    raise ValueError(f"k2.ops.mla_decode: argument '{arg}': {what}")
+
+
+def _check_lengths(lengths: torch.Tensor, max_len: int) -> None:
+    bad = ((lengths < 0) | (lengths > max_len)).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        _fail("lengths", f"expected 0 <= lengths[b] <= T_max = {max_len}, got lengths[{b}] = {int(lengths[b])}")
+
+
 @torch.library.custom_op("k2::mla_decode", mutates_args=())
 def _mla_decode(
     q_latent: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, softmax_scale: float, kv_lora_rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, _ = q_latent.shape
     if not _kernel(q_latent, cache, kv_lora_rank):
+        if lengths.device.type == "cpu":  # the CPU kernel checks lengths itself; the reference would clamp them
+            _check_lengths(lengths, cache.shape[1])
         return reference.mla_decode(q_latent, cache, lengths, softmax_scale, kv_lora_rank)
     q_latent, cache = _last_dim_contiguous(q_latent), _last_dim_contiguous(cache)
     o = q_latent.new_empty(batch, heads, kv_lora_rank)
@@ -88,10 +101,6 @@ def _(q_latent, cache, lengths, softmax_scale, kv_lora_rank):
         q_latent.new_empty(batch, heads, kv_lora_rank),
         torch.empty(batch, heads, dtype=torch.float32, device=q_latent.device),
     )
-
-
-def _fail(arg: str, what: str) -> None:
-    raise ValueError(f"k2.ops.mla_decode: argument '{arg}': {what}")
 
 
 def mla_decode(
@@ -134,11 +143,6 @@ def mla_decode(
         _fail("lengths", f"expected an int32 tensor [B] = [{batch}], got {lengths.dtype}{list(lengths.shape)}")
     if lengths.device != q_latent.device:
         _fail("lengths", f"expected q_latent's device {q_latent.device}, got {lengths.device}")
-    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():  # data-dependent: eager CPU only
-        bad = ((lengths < 0) | (lengths > cache.shape[1])).nonzero()
-        if bad.numel():
-            b = int(bad[0, 0])
-            _fail("lengths", f"expected 0 <= lengths[b] <= T_max = {cache.shape[1]}, got lengths[{b}] = {lengths[b]}")
     if not math.isfinite(float(softmax_scale)):
         _fail("softmax_scale", f"expected a finite number, got {softmax_scale}")
     return _mla_decode(q_latent, cache, lengths, float(softmax_scale), int(kv_lora_rank))
