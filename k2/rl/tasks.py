@@ -63,7 +63,7 @@ class ArithmeticTask:
     tenth (by a CRC-32 of the expression) instead of the training nine tenths."""
 
     def __init__(
-        self, *, max_a: int = 99, max_b: int = 9, tools: bool = False, heldout: bool = False, name: str | None = None
+        self, *, max_a: int = 9, max_b: int = 9, tools: bool = False, heldout: bool = False, name: str | None = None
     ) -> None:
         self.max_a, self.max_b, self.tools, self.heldout = max_a, max_b, tools, heldout
         self.name = name or ("arith_tools" if tools else "arith")
