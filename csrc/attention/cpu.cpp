@@ -567,6 +567,14 @@ std::vector<Item> block_items(int64_t heads, const std::vector<Doc>& docs) {
     return items;
 }
 
+// Multiply-adds of one pass's attention products: visible (query, key) pairs x heads x (dqk + dv). Decides whether the
+// pool is worth waking (grain_for_work).
+int64_t attention_work(const std::vector<Doc>& docs, bool causal, int64_t heads, int64_t dqk, int64_t dv) {
+    int64_t pairs = 0;
+    for (const Doc& doc : docs) pairs += causal ? doc.length * (doc.length + 1) / 2 : doc.length * doc.length;
+    return pairs * heads * (dqk + dv);
+}
+
 }  // namespace
 
 void forward_cpu(const ForwardParams& p) {
@@ -585,11 +593,12 @@ void forward_cpu(const ForwardParams& p) {
     for (int64_t h = 0; h < p.heads; ++h)
         for (const Doc& doc : docs)
             for (int64_t b = (doc.length + BLOCK_M - 1) / BLOCK_M - 1; b >= 0; --b) items.push_back({h, doc, b});
+    const int64_t work = attention_work(docs, p.causal, p.heads, dqk, dv);
 
     dispatch_dtype(p.dtype, op, [&](auto tag) {
         using T = decltype(tag);
         // Pack: K^T per key block and V per token, fp32, once for all query blocks.
-        parallel_for(int64_t(blocks.size()), 1, [&](int64_t i0, int64_t i1) {
+        parallel_for(int64_t(blocks.size()), grain_for_work(int64_t(blocks.size()), work), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
                 const Item& b = blocks[i];
                 const int64_t k0 = b.index * BLOCK_N, n = std::min(BLOCK_N, b.doc.length - k0);
@@ -600,7 +609,7 @@ void forward_cpu(const ForwardParams& p) {
             }
         });
         const auto run = kernels<T>().forward;
-        parallel_for(int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
+        parallel_for(int64_t(items.size()), grain_for_work(int64_t(items.size()), work), [&](int64_t i0, int64_t i1) {
             Scratch scratch(forward_scratch_floats(dqkp, dvp));
             for (int64_t i = i0; i < i1; ++i) run(p, packs, items[i], scratch.data());
         });
@@ -641,11 +650,12 @@ void backward_cpu(const BackwardParams& p) {
         for (const Doc& doc : docs)
             for (int64_t s = 0; s < std::min(splits, (doc.length + BLOCK_N - 1) / BLOCK_N); ++s)
                 items.push_back({h, doc, s});
+    const int64_t work = 2 * attention_work(docs, p.causal, heads, dqk, dv);  // twice the forward's products
 
     dispatch_dtype(p.dtype, op, [&](auto tag) {
         using T = decltype(tag);
         // Pack: Q and dO per token and transposed per block, fp32; D = rowsum(dO * O); zero the dq accumulators.
-        parallel_for(int64_t(blocks.size()), 1, [&](int64_t i0, int64_t i1) {
+        parallel_for(int64_t(blocks.size()), grain_for_work(int64_t(blocks.size()), work), [&](int64_t i0, int64_t i1) {
             for (int64_t i = i0; i < i1; ++i) {
                 const Item& b = blocks[i];
                 const int64_t h = b.head, q0 = b.index * BLOCK_M, m = std::min(BLOCK_M, b.doc.length - q0);
@@ -668,13 +678,13 @@ void backward_cpu(const BackwardParams& p) {
 
         // dK, dV (written per key block) and the dq accumulators.
         const auto run = kernels<T>().backward;
-        parallel_for(int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
+        parallel_for(int64_t(items.size()), grain_for_work(int64_t(items.size()), work), [&](int64_t i0, int64_t i1) {
             Scratch scratch(backward_scratch_floats(dqkp, dvp));
             for (int64_t i = i0; i < i1; ++i) run(p, packs, items[i], scratch.data());
         });
 
         // dq = scale * sum of the accumulators.
-        parallel_for(tokens, 16, [&](int64_t t0, int64_t t1) {
+        parallel_for(tokens, std::max<int64_t>(16, grain_for_work(tokens, work)), [&](int64_t t0, int64_t t1) {
             for (int64_t t = t0; t < t1; ++t)
                 for (int64_t h = 0; h < heads; ++h) {
                     T* dq = static_cast<T*>(p.dq.data) + t * p.dq.row_stride + h * p.dq.head_stride;

@@ -480,10 +480,11 @@ void decode_cpu(const DecodeParams& p) {
                      [](const Split& x, const Split& y) { return x.end - x.begin > y.end - y.begin; });
 
     const int64_t floats = scratch_floats(H, decode_padded(r + p.rope_dim), decode_padded(r));
+    const int64_t grain = grain_for_work(int64_t(items.size()), total * H * (2 * r + p.rope_dim));
     auto run_all = [&](auto tag) {
         using T = decltype(tag);
         const SplitFn<T> run = split_kernel<T>();
-        parallel_for(int64_t(items.size()), 1, [&](int64_t i0, int64_t i1) {
+        parallel_for(int64_t(items.size()), grain, [&](int64_t i0, int64_t i1) {
             float* scratch = thread_scratch(floats);
             for (int64_t i = i0; i < i1; ++i) run(p, items[i], parts, scratch);
         });
