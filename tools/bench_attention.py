@@ -3,10 +3,11 @@
 Shapes: one causal sequence of S tokens at Kimi-K2's head dims (dqk = 192 = 128 nope + 64 rope, dv = 128), with the
 head count scaled to fit the machine (--heads; K2 has 64). Implementations, all on the same values:
 
-- k2:    ``k2.ops.mla_attention`` on ``[S, H, d]`` (the C++ CPU kernel; on CUDA the reference until the CUDA kernel
-         lands), max logits requested as QK-Clip needs them;
-- eager: ``MLA._eager_attention`` (k2/model/mla.py): an fp32 ``baddbmm`` of the scaled logits with an additive causal
-         mask, their per-head max, ``softmax``, ``bmm`` — ``[H, S, S]`` logits materialised;
+- k2:    ``k2.ops.mla_attention`` on ``[S, H, d]`` (the C++ CPU kernel, or the CUDA kernel), max logits requested as
+         QK-Clip needs them;
+- eager: the model's attention before the kernel existed (k2 ≤ 0.1's ``MLA._eager_attention``): an fp32 ``baddbmm``
+         of the scaled logits with an additive causal mask, their per-head max, ``softmax``, ``bmm`` — ``[H, S, S]``
+         logits materialised;
 - sdpa:  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on ``[1, H, S, d]`` (no max logits; on CPU
          with dv != dqk it runs torch's math path).
 
@@ -98,7 +99,7 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``MLA._eager_attention`` for one causal sequence, with its max-logit recording: ``[H, S, d] -> [H, S, dv]``."""
+    """The eager attention with max-logit recording for one causal sequence: ``[H, S, d] -> [H, S, dv]``."""
     s = q.shape[1]
     allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
@@ -217,7 +218,7 @@ def bench_seqlen(s: int, heads: int, dtype: torch.dtype, device: torch.device, r
 
 
 def eager_decode(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """The eager absorbed decode of k2/infer/decode.py: ``[B, H, r + dr]`` queries over ``[B, T, r + dr]`` rows."""
+    """The eager absorbed decode (k2 ≤ 0.1's decode step): ``[B, H, r + dr]`` queries over ``[B, T, r + dr]`` rows."""
     logits = torch.baddbmm(bias, q, kv.transpose(1, 2), alpha=scale)  # [B, H, T]
     p = torch.softmax(logits, dim=-1, dtype=torch.float32).to(kv.dtype)
     return torch.bmm(p, kv[..., :KV_LORA_RANK])  # [B, H, r]
