@@ -4,8 +4,11 @@ Legend: B batch, S = context_len, N tokens in the packed stream.
 
 - ``pack_documents``: tokenize each document, append EOS, concatenate into one int32 stream ``[N]``; sequence i is
   ``stream[i·S : i·S + S + 1]`` (S+1 tokens: input = ``[:-1]``, labels = ``[1:]``), so consecutive sequences
-  share one boundary token and every token after the first is a label exactly once. Documents are not masked
-  from each other (standard pre-training packing; EOS tells the model where one ends).
+  share one boundary token and every token after the first is a label exactly once. By default documents are
+  not masked from each other (standard pre-training packing; EOS tells the model where one ends); with
+  ``document_mask=True`` every document attends only to itself and its positions restart at 0 (``cu_seqlens``,
+  Llama 3's intra-document masking), which equals running the documents separately. Labels do not change: the
+  EOS still predicts the next document's first token, from its own document only.
 - ``BatchIterator``: epoch e visits the sequences in ``permutation(seed, e)`` order; a batch that runs past the
   end of an epoch continues into the next one, so no sequence is dropped. Its position is ``(epoch, index)``;
   ``load_state_dict`` of a saved position yields exactly the batches the original run would have seen next.
@@ -44,11 +47,9 @@ def split_documents(
         n_held = math.ceil(heldout_fraction * len(docs))
         train, held = docs[: len(docs) - n_held], docs[len(docs) - n_held :]
     elif method == "hash":
-        key = seed.to_bytes(8, "little", signed=True)
         train, held = [], []
-        for d in docs:
-            h = int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8, key=key).digest(), "little")
-            (held if h / 2.0**64 < heldout_fraction else train).append(d)
+        for d, is_held in zip(docs, heldout_by_hash(docs, heldout_fraction, seed=seed), strict=True):
+            (held if is_held else train).append(d)
     else:
         raise ValueError(f"split_documents: method must be 'hash' or 'tail', got {method!r}")
     if heldout_fraction > 0 and not held:
@@ -58,12 +59,21 @@ def split_documents(
     return train, held
 
 
+def heldout_by_hash(texts: Iterable[str], heldout_fraction: float, *, seed: int = 0) -> list[bool]:
+    """For each text: whether its keyed BLAKE2b hash, as a number in [0, 1), is below ``heldout_fraction``."""
+    key = seed.to_bytes(8, "little", signed=True)
+    hashes = (hashlib.blake2b(t.encode("utf-8"), digest_size=8, key=key).digest() for t in texts)
+    return [int.from_bytes(h, "little") / 2.0**64 < heldout_fraction for h in hashes]
+
+
 @dataclass(frozen=True)
 class PackedSequences:
-    """A token stream cut into overlapping windows of ``context_len + 1`` tokens."""
+    """A token stream cut into overlapping windows of ``context_len + 1`` tokens. With ``document_eos`` set (the
+    EOS id), each document of a window is kept apart: see ``batch``."""
 
     tokens: np.ndarray  # [N] int32
     context_len: int
+    document_eos: int | None = None
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.context_len
@@ -73,16 +83,41 @@ class PackedSequences:
         offsets = np.asarray(indices, dtype=np.int64)[:, None] * self.context_len  # [B, 1]
         return self.tokens[offsets + np.arange(self.context_len + 1)].astype(np.int64)
 
-    def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids [B,S], labels [B,S])`` int64 tensors; labels are the inputs shifted by one."""
+    def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[Any, ...]:
+        """``(input_ids [B,S], labels [B,S])`` int64 tensors; labels are the inputs shifted by one. With
+        ``document_eos``, a third element ``{"positions", "cu_seqlens"}`` (``k2.model.document_layout``) for
+        ``Transformer.loss``: a document ends after its EOS, and the tail of a document cut by the row start is a
+        document of its own."""
         w = torch.from_numpy(self.window(np.asarray(indices)))
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        if self.document_eos is None:
+            return x, y
+        from k2.model import document_layout
+
+        positions, cu_seqlens = document_layout([document_lengths(row, self.document_eos) for row in x], x.shape[1])
+        return x, y, {"positions": positions, "cu_seqlens": cu_seqlens}
+
+
+def document_lengths(row: torch.Tensor, eos_id: int) -> list[int]:
+    """Lengths of the documents of one row of input ids: each ends right after an EOS, the last at the row end."""
+    ends = (torch.nonzero(row == eos_id).flatten() + 1).tolist()
+    if not ends or ends[-1] != len(row):
+        ends.append(len(row))
+    return [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def pack_documents(
-    documents: Iterable[str], tokenizer: Tokenizer, context_len: int, *, add_eos: bool = True
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    context_len: int,
+    *,
+    add_eos: bool = True,
+    document_mask: bool = False,
 ) -> PackedSequences:
-    """Tokenize, append EOS to each document, and pack; raises ``DataError`` if not even one sequence fits."""
+    """Tokenize, append EOS to each document, and pack; raises ``DataError`` if not even one sequence fits.
+    ``document_mask``: batches carry the document layout (needs ``add_eos``, which marks the boundaries)."""
+    if document_mask and not add_eos:
+        raise ValueError("pack_documents: document_mask needs add_eos (EOS marks where a document ends)")
     if context_len < 1:
         raise ValueError(f"pack_documents: context_len must be >= 1, got {context_len}")
     parts: list[np.ndarray] = []
@@ -96,7 +131,7 @@ def pack_documents(
         raise DataError(
             f"not enough data: {len(stream)} tokens, but one sequence needs context_len + 1 = {context_len + 1}"
         )
-    return PackedSequences(stream, context_len)
+    return PackedSequences(stream, context_len, tokenizer.eos_id if document_mask else None)
 
 
 class BatchIterator:

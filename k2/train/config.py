@@ -1,6 +1,9 @@
-"""``TrainConfig``: everything a pre-training run needs, as frozen keyword-only dataclasses, one per TOML section.
+"""``TrainConfig`` (``k2 pretrain``) and ``SFTConfig`` (``k2 sft``): everything a run needs, as frozen keyword-only
+dataclasses, one per TOML section. The two share ``[optim]``, ``[train]``, ``[checkpoint]`` and ``[parallel]`` (with
+different defaults: ``SFTConfig``'s are those of the embedded SFT default) and have their own ``[model]``, ``[data]``
+and ``[eval]``.
 
-Sources, each overriding the one before: the dataclass defaults → an optimizer recipe (``optim.recipe =
+Sources, each overriding the one before: the config class's defaults → an optimizer recipe (``optim.recipe =
 "kimi_k2"`` sets the report's lr, schedule and weight decay) → a TOML file (``--config``) → ``--set
 section.key=value`` overrides. Every key is checked: an unknown section or key, or a value of the wrong type,
 raises ``ConfigError`` naming it and listing what is allowed. The resolved config is written into the run
@@ -57,6 +60,7 @@ class DataSection:
     txt_split: Literal["file", "paragraph", "line"] = "file"
     tokenizer: str = "byte"  # "byte" (built-in, vocab 512) or a tokenizer directory / tiktoken.model file
     context_len: int = 256
+    document_mask: bool = False  # attention stays within each document of a packed row; positions restart per document
     corpus_documents: int = 6000  # size of the built-in corpus
     corpus_seed: int = 0
     heldout_fraction: float = 0.03  # documents held out for evaluation (by a hash of their text)
@@ -117,21 +121,16 @@ class ParallelSection:
     timeout_s: float = 600.0  # torch.distributed collective timeout: a dead rank ends the job after this long
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+class _RunConfig:
+    """What every run config (``TrainConfig``, ``SFTConfig``) does: its TOML layout and the saved file."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The TOML layout: model overrides are flattened into ``[model]`` next to ``preset``."""
-        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["model"] = {"preset": self.model.preset, **self.model.overrides}
-        out["optim"]["betas"] = list(self.optim.betas)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        model = self.model  # type: ignore[attr-defined]
+        if isinstance(model, ModelSection):
+            out["model"] = {"preset": model.preset, **model.overrides}
+        out["optim"]["betas"] = list(self.optim.betas)  # type: ignore[attr-defined]
         return out
 
     def save(self, run_dir: str | os.PathLike[str]) -> Path:
@@ -143,7 +142,71 @@ class TrainConfig:
         return path
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_RunConfig):
+    """A pre-training run (``k2 pretrain``)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+
+# ---- supervised fine-tuning (k2 sft) ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTModelSection:
+    # A Hugging Face-format checkpoint directory (config.json, safetensors, tokenizer); "" = the export (hf/) of the
+    # latest k2 pretrain run in runs/. The run's config.toml records the directory it resolved to.
+    path: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTDataSection:
+    path: str = ""  # .jsonl / .parquet chat records, or a directory of them; "" = the built-in tool-use dialogues
+    # Tokens per row. A conversation may have up to min(context_len, the model's max_position_embeddings) positions;
+    # a longer one is skipped and counted, or an error (too_long).
+    context_len: int = 2048
+    pack: bool = True  # several conversations per row, attention masked per conversation; false: one per row, padded
+    too_long: Literal["skip", "error"] = "skip"
+    heldout_fraction: float = 0.04  # conversations held out (by a hash of the record) for evaluation
+    generated: int = 3000  # built-in dialogues (path = "")
+    generator_seed: int = 0
+    seed: int = 0  # order of the training rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTEvalSection:
+    every: int = 100  # steps between held-out evaluations (and one at the end); 0 = only at the end
+    batch_size: int = 8
+    max_sequences: int = 64  # held-out rows whose loss is measured; 0 = all
+    tool_turns: int = 48  # held-out assistant turns that call tools, generated and scored; 0 = no tool metrics
+    max_new_tokens: int = 96  # generation limit per scored turn
+    at_start: bool = True  # also evaluate the starting checkpoint (step 0): the "before" numbers
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig(_RunConfig):
+    """A supervised fine-tuning run (``k2 sft``); ``[model]`` names the checkpoint, whose config.json is the model."""
+
+    model: SFTModelSection = field(default_factory=SFTModelSection)
+    data: SFTDataSection = field(default_factory=SFTDataSection)
+    optim: OptimSection = field(
+        default_factory=lambda: OptimSection(lr=4e-3, warmup_steps=10, decay_fraction=0.4, weight_decay=0.0)
+    )
+    train: TrainSection = field(
+        default_factory=lambda: TrainSection(steps=200, batch_size=8, log_every=20, checkpoint_every=100)
+    )
+    eval: SFTEvalSection = field(default_factory=SFTEvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+
+RunConfig = TrainConfig | SFTConfig
 
 # Recipes are defaults for the optim section; explicit values in a file or --set still win.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -240,9 +303,9 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: not a UTF-8 text file") from None
 
 
-def _check_section(name: str, values: Any, origin: str) -> None:
-    if name not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section [{name}]; sections are {', '.join(SECTIONS)}")
+def _check_section(name: str, values: Any, origin: str, sections: dict[str, Any]) -> None:
+    if name not in sections:
+        raise ConfigError(f"{origin}: unknown section [{name}]; sections are {', '.join(sections)}")
     if not isinstance(values, dict):
         raise ConfigError(f"{origin}: [{name}] must be a table of key = value")
 
@@ -253,10 +316,13 @@ def build_config(
     data: dict[str, dict[str, Any]] | None = None,
     preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-) -> TrainConfig:
-    """Resolve a ``TrainConfig`` from an optional TOML ``file`` (or an already-parsed ``data`` dict), an optional
-    model ``preset`` and ``--set`` style ``overrides`` (later wins). Raises ``ConfigError`` on any unknown key,
-    wrong type or invalid value."""
+    schema: type[RunConfig] = TrainConfig,
+) -> RunConfig:
+    """Resolve a ``TrainConfig`` (or another ``schema``: ``SFTConfig``) from an optional TOML ``file`` (or an
+    already-parsed ``data`` dict), an optional model ``preset`` and ``--set`` style ``overrides`` (later wins) over
+    the schema's defaults. Raises ``ConfigError`` on any unknown key, wrong type or invalid value."""
+    defaults = schema()
+    sections_of = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
     layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
     if file is not None:
         layers.append((str(file), _read_toml(file)))
@@ -268,10 +334,10 @@ def build_config(
         section, key, value = _parse_override(item)
         layers.append((f"--set {item}", {section: {key: value}}))
 
-    merged: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    merged: dict[str, dict[str, Any]] = {name: {} for name in sections_of}
     for origin, layer in layers:
         for name, values in layer.items():
-            _check_section(name, values, origin)
+            _check_section(name, values, origin, sections_of)
             merged[name].update(values)
 
     recipe = merged["optim"].get("recipe", "")
@@ -281,9 +347,9 @@ def build_config(
 
     sections: dict[str, Any] = {}
     model_types = _model_field_types()
-    for name, cls in SECTIONS.items():
-        values = merged[name]
-        if name == "model":
+    for name, default in sections_of.items():
+        values, cls = merged[name], type(default)
+        if cls is ModelSection:
             preset_name = _coerce(values.pop("preset", "tiny"), str, "model.preset")
             unknown = [k for k in values if k not in model_types]
             if unknown:
@@ -298,18 +364,19 @@ def build_config(
         unknown = [k for k in values if k not in hints]
         if unknown:
             raise ConfigError(f"unknown key {name}.{unknown[0]}; [{name}] keys are {', '.join(hints)}")
-        sections[name] = cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
-    config = TrainConfig(**sections)
+        given = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+        sections[name] = dataclasses.replace(default, **given)
+    config = schema(**sections)
     validate(config)
     return config
 
 
-def validate(config: TrainConfig) -> None:
+def validate(config: RunConfig) -> None:
     """Range checks that types alone cannot express (and that the model preset and overrides build)."""
-    config.model.build()
+    if isinstance(config.model, ModelSection):
+        config.model.build()
     positive = {
         "data.context_len": config.data.context_len,
-        "data.corpus_documents": config.data.corpus_documents,
         "train.steps": config.train.steps,
         "train.batch_size": config.train.batch_size,
         "train.grad_accum": config.train.grad_accum,
@@ -319,6 +386,11 @@ def validate(config: TrainConfig) -> None:
         "checkpoint.keep_last": config.checkpoint.keep_last,
         "optim.lr": config.optim.lr,
     }
+    if isinstance(config, TrainConfig):
+        positive["data.corpus_documents"] = config.data.corpus_documents
+    else:
+        positive["data.generated"] = config.data.generated
+        positive["eval.max_new_tokens"] = config.eval.max_new_tokens
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
@@ -333,6 +405,8 @@ def validate(config: TrainConfig) -> None:
         "eval.every": config.eval.every,
         "eval.max_sequences": config.eval.max_sequences,
     }
+    if isinstance(config, SFTConfig):
+        non_negative["eval.tool_turns"] = config.eval.tool_turns
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -344,11 +418,19 @@ def validate(config: TrainConfig) -> None:
     validate_parallel(config)
 
 
-def validate_parallel(config: TrainConfig, world_size: int | None = None) -> None:
+def validate_parallel(config: RunConfig, world_size: int | None = None, *, n_routed_experts: int | None = None) -> None:
     """Every rule of ``[parallel]`` (one ``ConfigError`` line each): the layout against the model and the global
     batch, and, given the launch's ``world_size``, ``pp·dp = WORLD_SIZE``. ``pretrain`` calls it with the world
-    size on every rank before any work; ``build_config`` without (a config can be resolved outside torchrun)."""
-    p, experts = config.parallel, config.model.build().n_routed_experts
+    size on every rank before any work; ``build_config`` without (a config can be resolved outside torchrun). The
+    expert count comes from the model preset, or ``n_routed_experts`` (an SFT run's checkpoint) when given; an SFT
+    config without it skips that rule."""
+    p = config.parallel
+    if n_routed_experts is not None:
+        experts = n_routed_experts
+    elif isinstance(config.model, ModelSection):
+        experts = config.model.build().n_routed_experts
+    else:
+        experts = p.ep
     for key in ("dp", "ep", "pp"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
@@ -372,12 +454,16 @@ def validate_parallel(config: TrainConfig, world_size: int | None = None) -> Non
         raise ConfigError(
             f"parallel: pp·dp = {p.pp * p.dp} but WORLD_SIZE = {world_size}; run {p.pp * p.dp} "
             f"process{'es' if p.pp * p.dp > 1 else ''} "
-            f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 pretrain ...) or set parallel.dp="
+            f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 {_command(config)} ...) or set parallel.dp="
             f"{world_size // p.pp}"
         )
 
 
-def lr_schedule(config: TrainConfig) -> schedule.WSD:
+def _command(config: RunConfig) -> str:
+    return "sft" if isinstance(config, SFTConfig) else "pretrain"
+
+
+def lr_schedule(config: RunConfig) -> schedule.WSD:
     """The run's WSD schedule (``ConfigError`` if warm-up and decay do not fit in ``train.steps``)."""
     o = config.optim
     try:
@@ -393,11 +479,24 @@ def lr_schedule(config: TrainConfig) -> schedule.WSD:
         raise ConfigError(f"optim schedule: {e}") from None
 
 
-def load_run_config(run_dir: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_run_config(
+    run_dir: str | os.PathLike[str],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    schema: type[RunConfig] = TrainConfig,
+) -> RunConfig:
     """The config saved in ``RUN_DIR/config.toml`` with ``--set`` overrides applied on top (for ``--resume``)."""
     path = Path(run_dir) / CONFIG_FILE
+    command = "sft" if schema is SFTConfig else "pretrain"
     if not Path(run_dir).is_dir():
         raise ConfigError(f"--resume: run directory not found: {run_dir}")
     if not path.is_file():
-        raise ConfigError(f"--resume: {run_dir} holds no {CONFIG_FILE}; is it a k2 pretrain run directory?")
-    return build_config(file=path, overrides=overrides)
+        raise ConfigError(f"--resume: {run_dir} holds no {CONFIG_FILE}; is it a k2 {command} run directory?")
+    saved = _read_toml(path)
+    if not isinstance(saved.get("model", {}), dict):
+        raise ConfigError(f"{path}: [model] must be a table of key = value")
+    if schema is SFTConfig and "preset" in saved.get("model", {}):
+        raise ConfigError(f"--resume: {run_dir} is a k2 pretrain run; continue it with k2 pretrain --resume")
+    if schema is TrainConfig and "path" in saved.get("model", {}):
+        raise ConfigError(f"--resume: {run_dir} is a k2 sft run; continue it with k2 sft --resume")
+    return build_config(file=path, overrides=overrides, schema=schema)

@@ -45,9 +45,9 @@ def build_data(cfg: DataSection, *, vocab_size: int) -> TrainData:
     if not docs:
         raise DataError(f"no documents in {source}")
     train_docs, held_docs = packing.split_documents(docs, cfg.heldout_fraction, method="hash", seed=cfg.corpus_seed)
-    train = packing.pack_documents(train_docs, tokenizer, cfg.context_len)
+    train = packing.pack_documents(train_docs, tokenizer, cfg.context_len, document_mask=cfg.document_mask)
     try:
-        heldout = packing.pack_documents(held_docs, tokenizer, cfg.context_len)
+        heldout = packing.pack_documents(held_docs, tokenizer, cfg.context_len, document_mask=cfg.document_mask)
     except DataError:
         raise DataError(
             f"held-out split of {source} is too small for one sequence of data.context_len={cfg.context_len} "

@@ -1,4 +1,11 @@
-"""``pretrain(config)``: the pre-training loop of Kimi K2 (TR §2.4–2.5) at any scale that fits one device.
+"""The trainer shared by pre-training and SFT, and ``pretrain(config)``: the pre-training loop of Kimi K2 (TR
+§2.4–2.5) at any scale that fits one device.
+
+A front end (``pretrain`` here, ``k2.train.sft.sft``) builds a ``Job`` (model, optimizer, schedule, batches, how
+to evaluate, count tokens and export) and hands it to ``run_job``, which owns everything else: device and process
+group, the run directory, resume, the loop below, metrics, checkpoints, the Hugging Face export, plots and
+``summary.json``. A batch is ``(input_ids, labels)`` or, for packed documents, ``(input_ids, labels, {"positions",
+"cu_seqlens"})``, passed on to ``Transformer.loss``; labels of -100 are not scored.
 
 One optimizer step:
 1. set the WSD learning rate of this step;
@@ -27,7 +34,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,8 @@ import torch.distributed as dist
 from torch import nn
 
 from k2.data import packing
+from k2.data.sft import IGNORE_INDEX, SFTRows
+from k2.data.tokenizer import Tokenizer
 from k2.errors import ConfigError, K2Error
 from k2.model import ModelConfig, Transformer, count_parameters, save_hf
 from k2.optim import MuonClip
@@ -45,7 +55,7 @@ from k2.parallel import ParallelState, init_parallel, local_rank_from_env, world
 from k2.parallel import data_parallel as dpar
 from k2.parallel.expert import apply_expert_parallel, gathered_experts, split_expert_parameters
 from k2.train import checkpoint as ckpt
-from k2.train.config import CONFIG_FILE, TrainConfig, lr_schedule, validate_parallel
+from k2.train.config import CONFIG_FILE, RunConfig, SFTConfig, TrainConfig, lr_schedule, validate_parallel
 from k2.train.data import TrainData, baseline_loss, build_data, eval_sequences
 from k2.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, Progress
 
@@ -61,8 +71,8 @@ class TrainingDiverged(K2Error):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_run_dir(suffix: str = "") -> Path:
+    return Path("runs") / (datetime.now().strftime("%Y%m%d-%H%M%S") + suffix)
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -90,7 +100,7 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_optimizer(model: Transformer, config: TrainConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: Transformer, config: RunConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
     """AdamW (replicated over dp) or MuonClip, ZeRO-1 over the dp group and, for expert-parallel stacks, over the
     expert-replica group (the ranks holding the same experts); gradients arrive reduced (``train_step``), so
     MuonClip does not reduce them again. The parameter groups are the same with or without parallelism (dense,
@@ -136,7 +146,7 @@ def peak_flops(device: torch.device, amp: torch.dtype | None) -> float | None:
 @torch.no_grad()
 def evaluate(
     model: Transformer,
-    heldout: packing.PackedSequences,
+    heldout: packing.PackedSequences | SFTRows,
     *,
     batch_size: int,
     num_sequences: int,
@@ -144,8 +154,9 @@ def evaluate(
     amp,
     par: ParallelState | None = None,
 ) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over the first ``num_sequences`` held-out sequences, and the token count.
-    Data parallel: rank r scores batches r, r+dp, ...; the sums are all-reduced (fp64)."""
+    """Token-weighted mean cross-entropy over the first ``num_sequences`` held-out sequences (``heldout`` is
+    ``PackedSequences`` or anything with the same ``batch``: SFT rows), and the count of scored (label != -100)
+    tokens. Data parallel: rank r scores batches r, r+dp, ...; the sums are all-reduced (fp64)."""
     par = par or ParallelState()
     was_training = model.training
     model.eval()
@@ -157,18 +168,26 @@ def evaluate(
             break
         # Expert parallelism: the exchange is collective, so a rank without a batch in the last round runs the
         # round's first one and discards it.
-        x, y = batches[i if i < len(batches) else first]
-        x, y = x.to(device), y.to(device)
+        x, y, layout = _to_device(batches[i if i < len(batches) else first], device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model.loss(x, y)
+            loss = model.loss(x, y, **layout)
         if i < len(batches):
-            total += float(loss) * y.numel()
-            count += y.numel()
+            n = int((y != IGNORE_INDEX).sum())
+            total += float(loss) * n
+            count += n
     model.train(was_training)
     if par.dp_group is not None:
         sums = dpar.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device), par.dp_group)
         total, count = float(sums[0]), int(sums[1])
     return total / count, count
+
+
+def _to_device(batch: tuple[Any, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(input_ids, labels)`` or ``(input_ids, labels, layout)`` (packed documents: ``positions``, ``cu_seqlens``)
+    → the tensors on ``device`` and the keyword arguments of ``Transformer.loss``."""
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    layout = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()} if len(batch) > 2 else {}
+    return x, y, layout
 
 
 @dataclass
@@ -185,7 +204,7 @@ def train_step(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
     batches: packing.BatchIterator,
-    config: TrainConfig,
+    config: RunConfig,
     device: torch.device,
     amp: torch.dtype | None,
     par: ParallelState | None = None,
@@ -199,10 +218,10 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     load: torch.Tensor | None = None  # [n_moe_layers, E]
     for _ in range(accum):
-        x, y = next(batches) if par.dp == 1 else batches.data.batch(batches.next_indices()[rows])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = next(batches) if par.dp == 1 else batches.data.batch(batches.next_indices()[rows])
+        x, y, layout = _to_device(batch, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model.loss(x, y)
+            loss = model.loss(x, y, **layout)
         (loss / accum).backward()
         loss_sum += loss.detach().float()
         micro_load = model.expert_load()
@@ -251,10 +270,29 @@ def train_step(
     )
 
 
-def _prepare_run_dir(run_dir: Path | None, resume: bool) -> Path:
+@dataclass
+class Job:
+    """What a front end (``pretrain``, ``k2.train.sft``) hands the shared trainer, built before the run directory is
+    written to: the model, its optimizer and schedule, the batches, and how to evaluate, count and export."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # step -> lr, with state_dict / load_state_dict
+    batches: packing.BatchIterator
+    evaluate: Callable[[], dict[str, Any]]  # the fields of an eval record, "eval_loss" first
+    step_tokens: Callable[[], int]  # tokens (over all ranks) of the step just taken
+    context_len: int  # for the FLOPs of a token (MFU)
+    tokenizer: Tokenizer  # saved with the Hugging Face export
+    source: str  # what the data is, for the summary
+    summary: dict[str, Any] = field(default_factory=dict)  # front-end fields of summary.json, first in it
+    eval_at_start: bool = False  # evaluate the starting model as step 0 (a fresh run only)
+    summarize: Callable[[Path], dict[str, Any]] | None = None  # more summary fields from the finished run directory
+
+
+def _prepare_run_dir(run_dir: Path | None, resume: bool, command: str) -> Path:
     if resume:
         if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
-            raise ConfigError(f"--resume: {run_dir} is not a k2 pretrain run directory (no {CONFIG_FILE})")
+            raise ConfigError(f"--resume: {run_dir} is not a k2 {command} run directory (no {CONFIG_FILE})")
         return run_dir
     run_dir = run_dir or default_run_dir()
     if (run_dir / CONFIG_FILE).exists() or ckpt.list_checkpoints(run_dir):
@@ -282,50 +320,98 @@ def pretrain(
     before training; rank 0 alone prints and writes the run files, all ranks write their checkpoint shards.
     """
     validate_parallel(config, dist.get_world_size() if dist.is_initialized() else world_size_from_env())
+    return run_job(config, run_dir, resume, _pretrain_job)
+
+
+def _pretrain_job(config: TrainConfig, device: torch.device, amp: torch.dtype | None, par: ParallelState) -> Job:
+    model_cfg = config.model.build()
+    schedule = lr_schedule(config)
+    data: TrainData = build_data(config.data, vocab_size=model_cfg.vocab_size)
+    n_eval = eval_sequences(data.heldout, config.eval.max_sequences)
+    baseline = baseline_loss(data.heldout, n_eval)
+
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    model = Transformer(model_cfg).to(device)
+    apply_expert_parallel(model, par)  # this rank's slice of the seeded experts
+    model.train()
+    optimizer = build_optimizer(model, config, par)
+    batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
+    tokens_per_step = config.train.batch_size * config.train.grad_accum * config.data.context_len
+
+    def run_eval() -> dict[str, Any]:
+        loss, tokens = evaluate(
+            model,
+            data.heldout,
+            batch_size=config.eval.batch_size,
+            num_sequences=n_eval,
+            device=device,
+            amp=amp,
+            par=par,
+        )
+        return {"eval_loss": loss, "eval_tokens": tokens}
+
+    return Job(
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        batches=batches,
+        evaluate=run_eval,
+        step_tokens=lambda: tokens_per_step,
+        context_len=config.data.context_len,
+        tokenizer=data.tokenizer,
+        source=data.source,
+        summary={"baseline_loss": baseline},
+    )
+
+
+def run_job(
+    config: RunConfig,
+    run_dir: str | os.PathLike[str] | None,
+    resume: bool,
+    build: Callable[[Any, torch.device, torch.dtype | None, ParallelState], Job],
+) -> dict[str, Any]:
+    """The shared trainer: device and process group, run directory, ``build(config, device, amp, par)`` (the front
+    end's setup; on every rank, before anything is written), resume, the training loop, the final export, plots and
+    ``summary.json``. ``config.train.threads`` applies for the duration."""
     threads = torch.get_num_threads()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     try:
-        return _pretrain(config, Path(run_dir) if run_dir is not None else None, resume)
+        t_start = time.perf_counter()
+        p = config.parallel
+        device = resolve_device(config.train.device, local_rank_from_env() if p.dp * p.pp > 1 else None)
+        par = init_parallel(dp=p.dp, ep=p.ep, pp=p.pp, timeout_s=p.timeout_s, device=device)
+        try:
+            return _run_job_ranks(
+                config, Path(run_dir) if run_dir is not None else None, resume, build, device, par, t_start
+            )
+        finally:
+            par.close()
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(config: TrainConfig, run_dir: Path | None, resume: bool) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    p = config.parallel
-    device = resolve_device(config.train.device, local_rank_from_env() if p.dp * p.pp > 1 else None)
-    par = init_parallel(dp=p.dp, ep=p.ep, pp=p.pp, timeout_s=p.timeout_s, device=device)
-    try:
-        return _pretrain_ranks(config, run_dir, resume, device, par, t_start)
-    finally:
-        par.close()
-
-
-def _pretrain_ranks(
-    config: TrainConfig, run_dir: Path | None, resume: bool, device: torch.device, par: ParallelState, t_start: float
+def _run_job_ranks(
+    config: RunConfig,
+    run_dir: Path | None,
+    resume: bool,
+    build: Callable[[Any, torch.device, torch.dtype | None, ParallelState], Job],
+    device: torch.device,
+    par: ParallelState,
+    t_start: float,
 ) -> dict[str, Any]:
+    command = "sft" if isinstance(config, SFTConfig) else "pretrain"
     if run_dir is None and not resume:
-        run_dir = dpar.from_main(par, default_run_dir())  # one timestamp for all ranks
+        run_dir = dpar.from_main(par, default_run_dir("-sft" if command == "sft" else ""))  # one for all ranks
     error = None
     try:
-        run_dir = _prepare_run_dir(run_dir, resume)
+        run_dir = _prepare_run_dir(run_dir, resume, command)
         amp = autocast_dtype(device, config.train.precision)
-        model_cfg = config.model.build()
-        schedule = lr_schedule(config)
-        data: TrainData = build_data(config.data, vocab_size=model_cfg.vocab_size)
-        n_eval = eval_sequences(data.heldout, config.eval.max_sequences)
-        baseline = baseline_loss(data.heldout, n_eval)
-
-        torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-        model = Transformer(model_cfg).to(device)
-        apply_expert_parallel(model, par)  # this rank's slice of the seeded experts
-        model.train()
-        optimizer = build_optimizer(model, config, par)
-        batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
+        job = build(config, device, amp, par)
     except Exception as e:
         error = e
     dpar.agree(par, error)  # every rank has checked its input before any rank goes on
+    model, optimizer, batches, schedule = job.model, job.optimizer, job.batches, job.schedule
     state: dict[str, Any] = {
         "step": 0,
         "tokens": 0,
@@ -349,61 +435,76 @@ def _pretrain_ranks(
         config.save(run_dir)
         logger = MetricsLogger(run_dir, start_step=state["step"])
     try:
-        summary = _run(
-            config, run_dir, model, optimizer, batches, data, schedule, state, logger, device, amp, n_eval, par
-        )
+        summary = _run(config, run_dir, job, state, logger, device, amp, par)
     finally:
         if logger is not None:
             logger.close()
 
+    cfg = model.config
     summary.update(
-        baseline_loss=baseline,
+        **job.summary,
         wall_s=time.perf_counter() - t_start,
         resumed_from=str(resumed_from) if resumed_from else None,
         run_dir=str(run_dir),
-        parameters=count_parameters(model_cfg).total,
-        activated_parameters=count_parameters(model_cfg).activated,
-        data=data.source,
+        parameters=count_parameters(cfg).total,
+        activated_parameters=count_parameters(cfg).activated,
+        data=job.source,
         device=str(device),
         precision="bf16" if amp is not None else "fp32",
         parallel={"dp": par.dp, "ep": par.ep, "pp": par.pp, "world_size": par.world_size},
     )
+    if job.summarize is not None and par.is_main:
+        summary.update(job.summarize(run_dir))
     with gathered_experts(model):  # collective: the export holds every expert
         if not par.is_main:
             return {**summary, "files": {}}
         _write_json(run_dir / SUMMARY_FILE, summary)  # the plots read the baseline from it
-        summary["files"] = _finish(config, run_dir, model, data)
+        summary["files"] = _finish(config, run_dir, model, job.tokenizer)
     _write_json(run_dir / SUMMARY_FILE, summary)
     return summary
 
 
+def _progress_extra(ev: dict[str, Any] | None) -> str:
+    if not ev:
+        return ""
+    extra = f", eval {ev['eval_loss']:.4f}"
+    if ev.get("tool_call_validity") is not None:
+        extra += f", tool calls {ev['tool_call_validity']:.0%} valid"
+    return extra
+
+
 def _run(
-    config: TrainConfig,
+    config: RunConfig,
     run_dir: Path,
-    model: Transformer,
-    optimizer: torch.optim.Optimizer,
-    batches: packing.BatchIterator,
-    data: TrainData,
-    schedule,
+    job: Job,
     state: dict[str, Any],
     logger: MetricsLogger | None,
     device: torch.device,
     amp: torch.dtype | None,
-    n_eval: int,
     par: ParallelState,
 ) -> dict[str, Any]:
     """The training loop on every rank; ``logger`` (rank 0 only, else None) gets the records."""
+    model, optimizer, batches, schedule = job.model, job.optimizer, job.batches, job.schedule
     t, total = config.train, config.train.steps
-    tokens_per_step = t.batch_size * t.grad_accum * config.data.context_len
-    fpt, peak = flops_per_token(model.config, config.data.context_len), peak_flops(device, amp)
+    fpt, peak = flops_per_token(model.config, job.context_len), peak_flops(device, amp)
     meta = {"model_config": model.config.to_dict()}
     progress = Progress(total=total, initial=state["step"], log_every=t.log_every) if par.is_main else None
-    step_s_avg, eval_loss, last_loss, run_tokens, run_s = None, None, None, 0, 0.0
+    step_s_avg, last_eval, last_loss, run_tokens, run_s = None, None, None, 0, 0.0
 
     def trainer_state() -> dict[str, Any]:
         return {**state, "data": batches.state_dict(), "schedule": schedule.state_dict()}
 
+    def log_eval(step: int) -> dict[str, Any]:
+        ev = job.evaluate()
+        if logger is not None:
+            logger.log({"kind": "eval", "step": step, **ev})
+        return ev
+
     try:
+        if job.eval_at_start and state["step"] == 0:
+            last_eval = log_eval(0)
+            if progress is not None:
+                progress.write(f"step 0 (starting model){_progress_extra(last_eval)}")
         while state["step"] < total:
             t0 = time.perf_counter()
             lr = schedule(state["step"])
@@ -413,6 +514,7 @@ def _run(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_s = time.perf_counter() - t0
+            tokens_per_step = job.step_tokens()
             state["step"] += 1
             state["tokens"] += tokens_per_step
             step = state["step"]
@@ -459,21 +561,11 @@ def _run(
                     loss=r.loss if r.finite else None,
                     tokens_per_s=tokens_per_step / step_s_avg,
                     eta_s=(total - step) * step_s_avg,
-                    extra=f", eval {eval_loss:.4f}" if eval_loss is not None else "",
+                    extra=_progress_extra(last_eval),
                 )
 
             if (config.eval.every and step % config.eval.every == 0) or step == total:
-                eval_loss, eval_tokens = evaluate(
-                    model,
-                    data.heldout,
-                    batch_size=config.eval.batch_size,
-                    num_sequences=n_eval,
-                    device=device,
-                    amp=amp,
-                    par=par,
-                )
-                if logger is not None:
-                    logger.log({"kind": "eval", "step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens})
+                last_eval = log_eval(step)
             periodic = t.checkpoint_every and step % t.checkpoint_every == 0
             if (periodic and not state["consecutive_skipped"]) or step == total:  # not in the middle of a bad streak
                 ckpt.save_checkpoint(
@@ -482,17 +574,20 @@ def _run(
     finally:
         if progress is not None:
             progress.close()
+    last_eval = last_eval or {}
+    extra_eval = {k: v for k, v in last_eval.items() if k not in ("eval_loss", "eval_tokens")}
     return {
-        "eval_loss": eval_loss,
+        "eval_loss": last_eval.get("eval_loss"),
         "train_loss": last_loss,
         "steps": state["step"],
         "tokens": state["tokens"],
         "skipped_steps": state["skipped"],
         "tokens_per_s": run_tokens / run_s if run_s else None,
+        **extra_eval,
     }
 
 
-def _finish(config: TrainConfig, run_dir: Path, model: nn.Module, data: TrainData) -> dict[str, Any]:
+def _finish(config: RunConfig, run_dir: Path, model: nn.Module, tokenizer: Tokenizer) -> dict[str, Any]:
     """Export, plots; returns where everything is."""
     from k2.train.plot import plot_run
 
@@ -507,7 +602,7 @@ def _finish(config: TrainConfig, run_dir: Path, model: nn.Module, data: TrainDat
         hf_dir = run_dir / HF_DIR
         dtype = torch.bfloat16 if config.checkpoint.hf_dtype == "bfloat16" else torch.float32
         save_hf(model, hf_dir, dtype=dtype)
-        data.tokenizer.save(hf_dir)
+        tokenizer.save(hf_dir)
         files["hf"] = str(hf_dir)
     files["plots"] = [str(p) for p in plot_run(run_dir, run_dir / PLOTS_DIR)]
     return files
