@@ -181,11 +181,11 @@ class SFTDataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class SFTEvalSection:
-    every: int = 100  # steps between held-out evaluations (and one at the end); 0 = only at the end
+    every: int = 40  # steps between held-out evaluations (and one at the end); 0 = only at the end
     batch_size: int = 8
     max_sequences: int = 64  # held-out rows whose loss is measured; 0 = all
     tool_turns: int = 48  # held-out assistant turns that call tools, generated and scored; 0 = no tool metrics
-    max_new_tokens: int = 96  # generation limit per scored turn
+    max_new_tokens: int = 128  # generation limit per scored turn (two parallel built-in calls take ~100)
     at_start: bool = True  # also evaluate the starting checkpoint (step 0): the "before" numbers
 
 
@@ -196,10 +196,11 @@ class SFTConfig(_RunConfig):
     model: SFTModelSection = field(default_factory=SFTModelSection)
     data: SFTDataSection = field(default_factory=SFTDataSection)
     optim: OptimSection = field(
-        default_factory=lambda: OptimSection(lr=4e-3, warmup_steps=10, decay_fraction=0.4, weight_decay=0.0)
+        default_factory=lambda: OptimSection(lr=6e-3, warmup_steps=10, decay_fraction=0.4, weight_decay=0.0)
     )
+    # batch_size counts rows: 3 packed rows of 2048 tokens hold ~9 built-in dialogues
     train: TrainSection = field(
-        default_factory=lambda: TrainSection(steps=200, batch_size=8, log_every=20, checkpoint_every=100)
+        default_factory=lambda: TrainSection(steps=160, batch_size=3, log_every=20, checkpoint_every=80)
     )
     eval: SFTEvalSection = field(default_factory=SFTEvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)

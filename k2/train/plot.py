@@ -4,7 +4,9 @@
   ``summary.json`` when present (log-scaled step axis is not used: WSD phases read better on a linear one);
 - ``max_logit.png``: per-layer max attention logit (what QK-Clip caps), with τ when QK-Clip is on;
 - ``load_imbalance.png``: per-MoE-layer expert-load imbalance (max load / mean load; 1 = perfectly balanced);
-- ``lr.png``: the learning-rate schedule as applied.
+- ``lr.png``: the learning-rate schedule as applied;
+- ``tool_calls.png`` (runs that measure them, ``k2 sft``): held-out tool-call validity and exact-call accuracy at
+  each evaluation, step 0 being the starting checkpoint.
 """
 
 from __future__ import annotations
@@ -104,6 +106,17 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         save(fig, "load_imbalance.png")
+
+    steps, validity = _series(evals, "tool_call_validity")
+    if steps:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, validity, "o-", ms=4, label="valid calls (parse, declared name, schema)")
+        steps, exact = _series(evals, "tool_call_exact")
+        ax.plot(steps, exact, "s--", ms=4, label="exact calls (same calls as the reference)")
+        ax.set(xlabel="step", ylabel="fraction of held-out tool turns", ylim=(-0.02, 1.02), title="tool calls")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "tool_calls.png")
 
     fig, ax = plt.subplots(figsize=(7, 3))
     steps, lr = _series(train, "lr")
