@@ -166,6 +166,14 @@ class Engine:
                 return True
         return False
 
+    def generator(self, request_id: str) -> torch.Generator:
+        """The sampling generator of a waiting or running request: saving its state and restoring it into a new
+        request continues the same random stream (an RL rollout paused and resumed later)."""
+        for seq in (*self._waiting, *self._running):
+            if seq.request_id == request_id:
+                return seq.generator
+        raise KeyError(f"Engine.generator: no waiting or running request {request_id!r}")
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
 

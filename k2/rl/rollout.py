@@ -20,9 +20,8 @@ trained on only when all K episodes have ended, because the K1.5 baseline is the
 Staleness rule: a group whose oldest action token was sampled by the policy of iteration v is dropped at iteration
 i when ``i − v > max_staleness``. Otherwise each part is trained on with the log-probs of the policy that produced it
 (``logprobs`` per token), which is π_old of the K1.5 loss for that part.
-
-The engine hook this needs and the Engine does not offer yet: reading and restoring a request's sampling generator
-(:func:`_request_generator` reaches into the engine's queues for it).
+A paused episode keeps its request's sampling-generator state (``Engine.generator``), so its continuation draws
+what the uninterrupted episode would have drawn.
 """
 
 from __future__ import annotations
@@ -97,13 +96,6 @@ class RolloutStats:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _request_generator(engine: Engine, request_id: str) -> torch.Generator:
-    for seq in [*engine._waiting, *engine._running]:  # NOTE: private; see the module docstring
-        if seq.request_id == request_id:
-            return seq.generator
-    raise KeyError(request_id)
-
-
 def _encode_state(state: torch.Tensor) -> str:
     return base64.b64encode(state.numpy().tobytes()).decode()
 
@@ -143,7 +135,7 @@ def rollout(
         )
         rid = engine.add_request(t.token_ids, params)
         if t.generator_state is not None:  # a paused turn continues its random stream
-            _request_generator(engine, rid).set_state(_decode_state(t.generator_state))
+            engine.generator(rid).set_state(_decode_state(t.generator_state))
             t.generator_state = None
         running[rid] = t
 
@@ -153,7 +145,7 @@ def rollout(
     while running:
         if budget is not None and stats.generated_tokens >= budget:
             for rid, t in running.items():
-                t.generator_state = _encode_state(_request_generator(engine, rid).get_state())
+                t.generator_state = _encode_state(engine.generator(rid).get_state())
                 engine.abort(rid)
                 stats.paused += 1
             running.clear()
