@@ -97,6 +97,11 @@ class TrainSection:
     log_every: int = 25  # progress lines when stderr is not a terminal
     checkpoint_every: int = 50  # steps between checkpoints (and one at the end); 0 = only at the end
     threads: int = 1  # torch CPU threads, 0 = all cores; 1 is the robust choice for tiny on a shared CPU (README)
+    # Activation memory (k2.parallel.activations; K2 report §2.4): operations recomputed in backward, activations kept
+    # as FP8 (E4M3, 1x128 tiles) for backward, and every other saved activation offloaded to host memory.
+    recompute: tuple[Literal["norm", "swiglu", "mla_up_proj", "moe_down_proj", "attention", "layer"], ...] = ()
+    fp8_activations: tuple[Literal["moe_up_proj_input", "swiglu_input"], ...] = ()
+    offload_activations: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,7 +239,8 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "none"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -258,6 +264,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     pass
     elif origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, list | tuple):  # tuple[X, ...]: any length
+            return tuple(_coerce(v, args[0], key) for v in value)
         if isinstance(value, list | tuple) and len(value) == len(args):
             return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     elif tp in _ACCEPTS and isinstance(value, _ACCEPTS[tp]) and isinstance(value, bool) == (tp is bool):

@@ -53,6 +53,7 @@ from k2.optim import MuonClip
 from k2.optim.qk_clip import find_attention
 from k2.parallel import ParallelState, init_parallel, local_rank_from_env, world_size_from_env
 from k2.parallel import data_parallel as dpar
+from k2.parallel.activations import apply_activation_memory
 from k2.parallel.expert import apply_expert_parallel, gathered_experts, split_expert_parameters
 from k2.train import checkpoint as ckpt
 from k2.train.config import CONFIG_FILE, RunConfig, SFTConfig, TrainConfig, lr_schedule, validate_parallel
@@ -408,6 +409,8 @@ def _run_job_ranks(
         run_dir = _prepare_run_dir(run_dir, resume, command)
         amp = autocast_dtype(device, config.train.precision)
         job = build(config, device, amp, par)
+        t = config.train  # after expert parallelism (the front end's), before the first forward
+        apply_activation_memory(job.model, t.recompute, t.fp8_activations, t.offload_activations)
     except Exception as e:
         error = e
     dpar.agree(par, error)  # every rank has checked its input before any rank goes on
