@@ -231,9 +231,11 @@ def test_too_long_conversations_are_skipped_and_counted(base: Path, tmp_path: Pa
     ]
     data.write_text("\n".join(json.dumps(r) for r in [GOOD, long, *many]) + "\n")
     extra = ["data.context_len=256", "train.steps=2", "eval.tool_turns=0", "checkpoint.export_hf=false"]
-    config = build_config(overrides=[*MICRO_SFT, f"model.path={base}", f"data.path={data}", *extra], schema=SFTConfig)
+    where = f"model.path={base.parent}"  # a run directory stands for its hf/ export
+    config = build_config(overrides=[*MICRO_SFT, where, f"data.path={data}", *extra], schema=SFTConfig)
     summary = sft(config, tmp_path / "run")
     assert summary["skipped_too_long"] == 1 and "tool_call_validity" not in summary
+    assert summary["base_model"] == str(base.resolve())
 
 
 def test_default_from_is_the_latest_pretrain_export(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--from",
         dest="base",
         metavar="DIR",
-        help="Hugging Face-format checkpoint to fine-tune (default: hf/ of the latest k2 pretrain run in runs/)",
+        help="Hugging Face-format checkpoint (or a run directory with one in hf/) to fine-tune (default: hf/ of the "
+        "latest k2 pretrain run in runs/)",
     )
     p.add_argument(
         "--data",
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         dest="overrides",
-        help="override one config value, e.g. --set train.steps=300 --set data.pack=true (repeatable)",
+        help="override one config value, e.g. --set train.steps=300 --set optim.lr=3e-3 (repeatable)",
     )
     p.add_argument("--run-dir", metavar="DIR", help="where the run is written (default runs/<timestamp>-sft)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")

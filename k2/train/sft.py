@@ -14,6 +14,10 @@ checkpoints, ``--resume``, metrics, TensorBoard, plots, torchrun layouts and Hug
   (``*_start``) and after fine-tuning.
 
 Under expert parallelism the experts are gathered for the tool-call generation, which rank 0 runs alone.
+
+As in pre-training, a step's loss is the mean of its micro-batches' (and data-parallel ranks') token means. SFT rows
+hold different numbers of supervised tokens, so this weighs tokens slightly differently from one large batch: a
+dp=2 run follows the one-process run closely but not bit for bit (the evaluation is token-weighted and equal).
 """
 
 from __future__ import annotations
@@ -66,10 +70,13 @@ def latest_pretrain_export(runs: str | os.PathLike[str] = RUNS_DIR) -> Path:
 
 
 def sft(config: SFTConfig, run_dir: str | os.PathLike[str] | None = None, *, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune ``config.model.path`` in ``run_dir`` (default ``runs/<timestamp>-sft``) and return the summary (also
+    """Fine-tune ``config.model.path`` (a Hugging Face checkpoint directory, or a run directory with one in ``hf/``)
+    in ``run_dir`` (default ``runs/<timestamp>-sft``) and return the summary (also
     ``RUN_DIR/summary.json``); ``resume=True`` continues from the run directory's latest checkpoint. As ``pretrain``:
     every input is checked before the run directory is written to; under torchrun every rank calls it."""
     base = Path(config.model.path) if config.model.path else latest_pretrain_export()
+    if not (base / "config.json").is_file() and (base / HF_DIR / "config.json").is_file():
+        base = base / HF_DIR  # a run directory: its export
     if not (base / "config.json").is_file():
         raise CheckpointError(f"{base} is not a Hugging Face checkpoint directory (no config.json)")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=str(base.resolve())))
