@@ -7,6 +7,8 @@ Layout (global rank = pp_index · dp + dp_rank):
 - ``ep``: ``ep`` consecutive dp ranks form one expert-parallel group that together holds all experts (E/ep each);
   ``ep_rank = dp_rank mod ep``.
 - expert-replica group: the dp ranks with the same ``ep_rank`` hold the same experts (dp/ep of them).
+- ``pp``: the ranks with the same ``dp_rank`` form one pipeline (``pp_group``); ``pp_rank = rank // dp`` holds its
+  stages (``k2.parallel.pipeline``).
 
 Backend: NCCL when the run's device is CUDA, gloo on the CPU; the collective timeout is ``parallel.timeout_s``.
 One process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) initialises nothing: every group is None and the trainer runs
@@ -44,8 +46,10 @@ class ParallelState:
     ep: int = 1
     dp_rank: int = 0
     ep_rank: int = 0
+    pp_rank: int = 0  # pipeline rank: global rank // dp
     device_mesh: Any = None  # DeviceMesh over ("pp", "dp"); None in one process
     dp_group: Any = None
+    pp_group: Any = None  # the pp ranks with this dp_rank (one pipeline)
     ep_group: Any = None  # the ep ranks that together hold all experts
     expert_replica_group: Any = None  # the dp/ep ranks holding this rank's experts
     owns_process_group: bool = False  # init_parallel started torch.distributed (close() ends it)
@@ -103,8 +107,10 @@ def init_parallel(*, dp: int, ep: int, pp: int, timeout_s: float, device: torch.
         ep=ep,
         dp_rank=dp_rank,
         ep_rank=dp_rank % ep,
+        pp_rank=rank // dp,
         device_mesh=mesh,
         dp_group=mesh.get_group("dp") if dp > 1 else None,
+        pp_group=mesh.get_group("pp") if pp > 1 else None,
         ep_group=ep_group,
         expert_replica_group=replica_group,
         owns_process_group=owns,
