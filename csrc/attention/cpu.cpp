@@ -15,146 +15,30 @@
 // there is one accumulator; with fewer heads, each key split has its own and they are summed at the end.
 //
 // Every product is one small GEMM C (+)= A B with A broadcast by element and B read in vectors of W floats (GCC vector
-// extensions, so the same code serves every ISA); register blocks of MR rows x NV vectors. The hot functions are
-// compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at run time from the CPU (cpuid), which keeps the wheel
-// portable; K2_ATTENTION_ISA=avx2|baseline caps the choice (the tests use it to cover each variant). exp is a
-// vectorised Cephes-style polynomial (about 2 ulp), accumulation is fp32 throughout.
+// extensions from cpu_vec.h, so the same code serves every ISA); register blocks of MR rows x NV vectors. The hot
+// functions are compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at run time from the CPU (cpuid), which
+// keeps the wheel portable; K2_ATTENTION_ISA=avx2|baseline caps the choice (the tests use it to cover each variant).
+// exp is a vectorised Cephes-style polynomial (about 2 ulp), accumulation is fp32 throughout.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "attention/attention.h"
+#include "attention/cpu_vec.h"
 #include "common/check.h"
 #include "common/thread_pool.h"
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call (all helpers are inlined)
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define K2_ATTENTION_X86 1
-#define K2_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define K2_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-#define K2_INLINE inline __attribute__((always_inline))
 
 namespace k2::attention {
 
 namespace {
 
+using namespace cpu_vec;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t BLOCK_M = kBlockM, BLOCK_N = kBlockN;
-
-// ---- Elements -------------------------------------------------------------------------------------------------
-
-struct Bf16 {
-    uint16_t bits;
-};
-
-K2_INLINE float load_elem(const float* p) {
-    return *p;
-}
-K2_INLINE float load_elem(const Bf16* p) {
-    const uint32_t u = uint32_t(p->bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-K2_INLINE void store_elem(float* p, float v) {
-    *p = v;
-}
-K2_INLINE void store_elem(Bf16* p, float f) {  // round to nearest even, as torch's cast
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p->bits = uint16_t((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p->bits = uint16_t(u >> 16);
-}
-
-// ---- Vectors of W floats ----------------------------------------------------------------------------------------
-
-template <int W>
-struct VecTypes {
-    typedef float f __attribute__((vector_size(W * 4)));
-    typedef int32_t i __attribute__((vector_size(W * 4)));
-};
-template <int W>
-using Vec = typename VecTypes<W>::f;
-template <int W>
-using IVec = typename VecTypes<W>::i;
-
-template <int W>
-K2_INLINE Vec<W> load(const float* p) {
-    Vec<W> v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-template <int W>
-K2_INLINE void store(float* p, const Vec<W>& v) {
-    std::memcpy(p, &v, sizeof v);
-}
-template <int W>
-K2_INLINE Vec<W> splat(float x) {
-    // NOTE: not `x - Vec<W>{}` or lane stores: GCC 12 builds those lane by lane with AVX-512 masked broadcasts.
-    return Vec<W>{} + x;
-}
-template <int W>
-K2_INLINE Vec<W> select(const IVec<W>& mask, const Vec<W>& a, const Vec<W>& b) {  // mask lanes are all-ones or zero
-    return (Vec<W>)((mask & (IVec<W>)a) | (~mask & (IVec<W>)b));
-}
-template <int W>
-K2_INLINE Vec<W> vmax(const Vec<W>& a, const Vec<W>& b) {
-    return select<W>(a > b, a, b);
-}
-template <int W>
-K2_INLINE Vec<W> iota() {
-    Vec<W> v;
-    for (int i = 0; i < W; ++i) v[i] = float(i);
-    return v;
-}
-template <int W>
-K2_INLINE float hmax(const Vec<W>& v) {
-    float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-}
-template <int W>
-K2_INLINE float hsum(const Vec<W>& v) {
-    float s = 0.0f;
-    for (int i = 0; i < W; ++i) s += v[i];
-    return s;
-}
-
-// exp(x) = 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2; e^r from Cephes' expf polynomial. x below
-// ln(2^-126) (also -inf) gives 0, so masked logits drop out exactly; inputs here are never NaN.
-template <int W>
-K2_INLINE Vec<W> exp_vec(const Vec<W>& x_in) {
-    const Vec<W> lo = splat<W>(-87.33654f), hi = splat<W>(88.37626f);
-    const IVec<W> underflow = x_in < lo;
-    Vec<W> x = vmax<W>(x_in, lo);
-    x = select<W>(x > hi, hi, x);
-    const Vec<W> magic = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    const Vec<W> n = (x * 1.44269504088896341f + magic) - magic;
-    Vec<W> r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    Vec<W> y = splat<W>(1.9875691500e-4f);
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * (r * r) + r + 1.0f;
-    const IVec<W> bits = (__builtin_convertvector(n, IVec<W>) + 127) << 23;
-    return select<W>(underflow, Vec<W>{}, y * (Vec<W>)bits);
-}
 
 // ---- GEMM tiles -------------------------------------------------------------------------------------------------
 
@@ -168,14 +52,14 @@ struct Blocking {
 
 // A's element (row r, k): A[r * lda + k], or A[r + k * lda] when TRANS_A (A stored transposed).
 template <bool TRANS_A>
-K2_INLINE float a_at(const float* A, int64_t lda, int r, int64_t k) {
+K2_ALWAYS_INLINE float a_at(const float* A, int64_t lda, int r, int64_t k) {
     return TRANS_A ? A[r + k * lda] : A[r * lda + k];
 }
 
 // C[0:MR, 0:NV*W] (+)= A[0:MR, 0:K] B[0:K, 0:NV*W]; row strides in floats.
 template <int W, int MR, int NV, bool TRANS_A>
-K2_INLINE void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t K,
-                            bool accumulate) {
+K2_ALWAYS_INLINE void micro_kernel(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                                   int64_t K, bool accumulate) {
     Vec<W> acc[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<W>(C + r * ldc + v * W) : Vec<W>{};
@@ -192,8 +76,8 @@ K2_INLINE void micro_kernel(const float* A, int64_t lda, const float* B, int64_t
 }
 
 template <int W, int NV, bool TRANS_A>
-K2_INLINE void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                          int64_t ldc, bool accumulate) {
+K2_ALWAYS_INLINE void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                                 float* C, int64_t ldc, bool accumulate) {
     constexpr int MR = Blocking<W>::MR;
     const int64_t row_step = TRANS_A ? 1 : lda;
     int64_t i = 0;
@@ -204,8 +88,8 @@ K2_INLINE void gemm_panel(int64_t M, int64_t K, const float* A, int64_t lda, con
 
 // C[M, N] (+)= A[M, K] B[K, N]. NOTE: N must be a multiple of W (packed rows are padded to 16 floats).
 template <int W, bool TRANS_A = false>
-K2_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                    int64_t ldc, bool accumulate) {
+K2_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                           float* C, int64_t ldc, bool accumulate) {
     constexpr int NV = Blocking<W>::NV;
     int64_t j = 0;
     for (; j + NV * W <= N; j += NV * W) gemm_panel<W, NV, TRANS_A>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
@@ -298,7 +182,7 @@ int64_t forward_scratch_floats(int64_t dqkp, int64_t dvp) {
 }
 
 template <typename T, int W>
-K2_INLINE void forward_block(const ForwardParams& p, const ForwardPacks& packs, const Item& it, float* scratch) {
+K2_ALWAYS_INLINE void forward_block(const ForwardParams& p, const ForwardPacks& packs, const Item& it, float* scratch) {
     const int64_t dqk = p.head_dim_qk, dv = p.head_dim_v, dqkp = padded_head_dim(dqk), dvp = padded_head_dim(dv);
     const int64_t h = it.head, start = it.doc.start, len = it.doc.length;
     const int64_t q0 = it.index * BLOCK_M, m = std::min(BLOCK_M, len - q0);
@@ -346,7 +230,7 @@ K2_INLINE void forward_block(const ForwardParams& p, const ForwardPacks& packs, 
                 sum += e;
             }
             m_row[r] = m_new;
-            l_row[r] = l_row[r] * alpha + hsum<W>(sum);
+            l_row[r] = l_row[r] * alpha + hsum_serial<W>(sum);
             if (alpha != 1.0f) {
                 float* o = o_acc + r * dvp;
                 for (int64_t c = 0; c < dvp; c += W) store<W>(o + c, load<W>(o + c) * alpha);
@@ -386,7 +270,8 @@ int64_t backward_scratch_floats(int64_t dqkp, int64_t dvp) {
 }
 
 template <typename T, int W>
-K2_INLINE void backward_split(const BackwardParams& p, const BackwardPacks& packs, const Item& it, float* scratch) {
+K2_ALWAYS_INLINE void backward_split(const BackwardParams& p, const BackwardPacks& packs, const Item& it,
+                                     float* scratch) {
     const int64_t dqk = p.head_dim_qk, dv = p.head_dim_v, dqkp = padded_head_dim(dqk), dvp = padded_head_dim(dv);
     const int64_t h = it.head, start = it.doc.start, len = it.doc.length, tokens = p.tokens;
     const float scale = p.softmax_scale;
@@ -466,8 +351,6 @@ K2_INLINE void backward_split(const BackwardParams& p, const BackwardPacks& pack
 
 // ---- ISA variants and dispatch ----------------------------------------------------------------------------------
 
-enum class Isa { Baseline, Avx2, Avx512 };
-
 template <typename T>
 struct Kernels {
     void (*forward)(const ForwardParams&, const ForwardPacks&, const Item&, float*);
@@ -503,26 +386,6 @@ K2_TARGET_AVX512 void backward_avx512(const BackwardParams& p, const BackwardPac
     backward_split<T, 16>(p, packs, it, scratch);
 }
 #endif
-
-Isa cpu_isa() {
-    static const Isa supported = [] {
-#ifdef K2_ATTENTION_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-            return Isa::Avx512;
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-        return Isa::Baseline;
-    }();
-    Isa cap = Isa::Avx512;
-    if (const char* env = std::getenv("K2_ATTENTION_ISA")) {
-        const std::string want = env;
-        if (want == "baseline") cap = Isa::Baseline;
-        if (want == "avx2") cap = Isa::Avx2;
-    }
-    return std::min(supported, cap);
-}
 
 template <typename T>
 Kernels<T> kernels() {

@@ -19,146 +19,25 @@
 // K2_ATTENTION_ISA=avx2|baseline like the attention forward. bf16 is widened to fp32 on load; accumulation is fp32.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "attention/cpu_vec.h"
 #include "attention/decode.h"
 #include "common/check.h"
 #include "common/thread_pool.h"
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call (all helpers are inlined)
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define K2_DECODE_X86 1
-#define K2_DECODE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#define K2_DECODE_AVX2 __attribute__((target("avx2,fma")))
-#endif
-#define K2_DECODE_INLINE inline __attribute__((always_inline))
 
 namespace k2::attention {
 
 namespace {
 
+using namespace cpu_vec;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t BLOCK_N = kDecodeBlockN;
-
-// ---- Elements -----------------------------------------------------------------------------------------------------
-
-struct Bf16 {
-    uint16_t bits;
-};
-
-K2_DECODE_INLINE void store_elem(float* p, float v) {
-    *p = v;
-}
-K2_DECODE_INLINE void store_elem(Bf16* p, float f) {  // round to nearest even, as torch's cast
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        p->bits = uint16_t((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p->bits = uint16_t(u >> 16);
-}
-
-// ---- Vectors of W floats ------------------------------------------------------------------------------------------
-
-template <int W>
-struct VecTypes {
-    typedef float f __attribute__((vector_size(W * 4)));
-    typedef int32_t i __attribute__((vector_size(W * 4)));
-    typedef uint32_t u __attribute__((vector_size(W * 4)));
-    typedef uint16_t h __attribute__((vector_size(W * 2)));
-};
-template <int W>
-using Vec = typename VecTypes<W>::f;
-template <int W>
-using IVec = typename VecTypes<W>::i;
-
-template <int W>
-K2_DECODE_INLINE Vec<W> load(const float* p) {
-    Vec<W> v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-template <int W>
-K2_DECODE_INLINE Vec<W> load(const Bf16* p) {  // W bf16 widened: the bits move to the top half of each fp32
-    typename VecTypes<W>::h h;
-    std::memcpy(&h, p, sizeof h);
-    return (Vec<W>)(__builtin_convertvector(h, typename VecTypes<W>::u) << 16);
-}
-template <int W>
-K2_DECODE_INLINE void store(float* p, const Vec<W>& v) {
-    std::memcpy(p, &v, sizeof v);
-}
-template <int W>
-K2_DECODE_INLINE Vec<W> splat(float x) {
-    return Vec<W>{} + x;  // NOTE: not lane stores: GCC 12 builds those lane by lane
-}
-template <int W>
-K2_DECODE_INLINE Vec<W> select(const IVec<W>& mask, const Vec<W>& a, const Vec<W>& b) {
-    return (Vec<W>)((mask & (IVec<W>)a) | (~mask & (IVec<W>)b));
-}
-template <int W>
-K2_DECODE_INLINE Vec<W> vmax(const Vec<W>& a, const Vec<W>& b) {
-    return select<W>(a > b, a, b);
-}
-template <int W>
-K2_DECODE_INLINE Vec<W> iota() {
-    Vec<W> v;
-    for (int i = 0; i < W; ++i) v[i] = float(i);
-    return v;
-}
-template <int W>
-K2_DECODE_INLINE float hmax(const Vec<W>& v) {
-    float m = v[0];
-    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-}
-
-// Sum of the lanes by halving (log2 W shuffles and adds, not W lane extracts).
-K2_DECODE_INLINE float hsum(const Vec<4>& v) {
-    const Vec<4> t = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
-    return (t + __builtin_shufflevector(t, t, 1, 0, 3, 2))[0];
-}
-K2_DECODE_INLINE float hsum(const Vec<8>& v) {
-    return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
-}
-K2_DECODE_INLINE float hsum(const Vec<16>& v) {
-    return hsum(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-}
-
-// exp(x) = 2^n e^t, n = round(x / ln 2), |t| <= ln 2 / 2, e^t from Cephes' expf polynomial (about 2 ulp); x below
-// ln(2^-126), -inf included, gives 0.
-template <int W>
-K2_DECODE_INLINE Vec<W> exp_vec(const Vec<W>& x_in) {
-    const Vec<W> lo = splat<W>(-87.33654f), hi = splat<W>(88.37626f);
-    const IVec<W> underflow = x_in < lo;
-    Vec<W> x = vmax<W>(x_in, lo);
-    x = select<W>(x > hi, hi, x);
-    const Vec<W> magic = splat<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    const Vec<W> n = (x * 1.44269504088896341f + magic) - magic;
-    Vec<W> t = x - n * 0.693359375f;
-    t = t - n * -2.12194440e-4f;
-    Vec<W> y = splat<W>(1.9875691500e-4f);
-    y = y * t + 1.3981999507e-3f;
-    y = y * t + 8.3334519073e-3f;
-    y = y * t + 4.1665795894e-2f;
-    y = y * t + 1.6666665459e-1f;
-    y = y * t + 5.0000001201e-1f;
-    y = y * (t * t) + t + 1.0f;
-    const IVec<W> bits = (__builtin_convertvector(n, IVec<W>) + 127) << 23;
-    return select<W>(underflow, Vec<W>{}, y * (Vec<W>)bits);
-}
 
 // ---- Register blocks ----------------------------------------------------------------------------------------------
 
@@ -173,7 +52,7 @@ struct Blocking {
 
 // S[i, j] = <Q[i], K[j]> for MR heads and NJ rows; D a multiple of W.
 template <int W, int MR, int NJ>
-K2_DECODE_INLINE void dot_block(const float* Q, const float* K, int64_t D, float* S, int64_t lds) {
+K2_ALWAYS_INLINE void dot_block(const float* Q, const float* K, int64_t D, float* S, int64_t lds) {
     Vec<W> acc[MR][NJ];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NJ; ++j) acc[i][j] = Vec<W>{};
@@ -191,7 +70,7 @@ K2_DECODE_INLINE void dot_block(const float* Q, const float* K, int64_t D, float
 
 // S [H, lds] = Q [H, D] K [n, D]^T. Row groups outer, so a group's NJ rows stay in L1 while every head meets them.
 template <int W>
-K2_DECODE_INLINE void scores(const float* Q, int64_t heads, const float* K, int64_t n, int64_t D, float* S,
+K2_ALWAYS_INLINE void scores(const float* Q, int64_t heads, const float* K, int64_t n, int64_t D, float* S,
                              int64_t lds) {
     constexpr int MR = Blocking<W>::MR, NJ = Blocking<W>::NJ;
     int64_t j = 0;
@@ -209,7 +88,7 @@ K2_DECODE_INLINE void scores(const float* Q, int64_t heads, const float* K, int6
 
 // C[0:MR, 0:NV*W] += A[0:MR, 0:K] B[0:K, 0:NV*W]; row strides in floats.
 template <int W, int MR, int NV>
-K2_DECODE_INLINE void value_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+K2_ALWAYS_INLINE void value_block(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                                   int64_t K) {
     Vec<W> acc[MR][NV];
     for (int i = 0; i < MR; ++i)
@@ -228,7 +107,7 @@ K2_DECODE_INLINE void value_block(const float* A, int64_t lda, const float* B, i
 
 // O [H, N] += P [H, K] V [K, N] with N a multiple of W. Column panels outer, so a panel of V stays in L1 for all heads.
 template <int W>
-K2_DECODE_INLINE void values(const float* P, int64_t lda, int64_t heads, const float* V, int64_t ldb, int64_t K,
+K2_ALWAYS_INLINE void values(const float* P, int64_t lda, int64_t heads, const float* V, int64_t ldb, int64_t K,
                              float* O, int64_t N) {
     constexpr int MR = Blocking<W>::MR, NV = Blocking<W>::NV;
     auto panel = [&](auto nv, int64_t c) {
@@ -268,19 +147,9 @@ float* thread_scratch(int64_t floats) {
     return buffer.data() + (16 - misalign) % 16;
 }
 
-K2_DECODE_INLINE float load_elem(const float* p) {
-    return *p;
-}
-K2_DECODE_INLINE float load_elem(const Bf16* p) {
-    const uint32_t u = uint32_t(p->bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
 // d elements -> fp32 out [dp], zero in [d, dp).
 template <typename T, int W>
-K2_DECODE_INLINE void widen_row(const T* in, int64_t d, float* out, int64_t dp) {
+K2_ALWAYS_INLINE void widen_row(const T* in, int64_t d, float* out, int64_t dp) {
     int64_t i = 0;
     for (; i + W <= d; i += W) store<W>(out + i, load<W>(in + i));
     for (; i < d; ++i) out[i] = load_elem(in + i);
@@ -288,7 +157,7 @@ K2_DECODE_INLINE void widen_row(const T* in, int64_t d, float* out, int64_t dp) 
 }
 
 template <typename T, int W>
-K2_DECODE_INLINE void decode_split(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
+K2_ALWAYS_INLINE void decode_split(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
     const int64_t H = p.heads, r = p.kv_lora_rank, D = r + p.rope_dim;
     const int64_t dp = decode_padded(D), rp = decode_padded(r), hp = decode_padded(H);
     const float scale = p.softmax_scale;
@@ -386,8 +255,6 @@ void combine(const DecodeParams& p, const Partials& parts, int64_t b, int64_t fi
 
 // ---- ISA variants and dispatch ------------------------------------------------------------------------------------
 
-enum class Isa { Baseline, Avx2, Avx512 };
-
 template <typename T>
 using SplitFn = void (*)(const DecodeParams&, const Split&, const Partials&, float*);
 
@@ -395,41 +262,21 @@ template <typename T>
 void split_baseline(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
     decode_split<T, 4>(p, it, parts, scratch);
 }
-#ifdef K2_DECODE_X86
+#ifdef K2_ATTENTION_X86
 template <typename T>
-K2_DECODE_AVX2 void split_avx2(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
+K2_TARGET_AVX2 void split_avx2(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
     decode_split<T, 8>(p, it, parts, scratch);
 }
 template <typename T>
-K2_DECODE_AVX512 void split_avx512(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
+K2_TARGET_AVX512 void split_avx512(const DecodeParams& p, const Split& it, const Partials& parts, float* scratch) {
     decode_split<T, 16>(p, it, parts, scratch);
 }
 #endif
 
-Isa cpu_isa() {
-    static const Isa supported = [] {
-#ifdef K2_DECODE_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-            return Isa::Avx512;
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-        return Isa::Baseline;
-    }();
-    Isa cap = Isa::Avx512;
-    if (const char* env = std::getenv("K2_ATTENTION_ISA")) {
-        const std::string want = env;
-        if (want == "baseline") cap = Isa::Baseline;
-        if (want == "avx2") cap = Isa::Avx2;
-    }
-    return std::min(supported, cap);
-}
-
 template <typename T>
 SplitFn<T> split_kernel() {
     switch (cpu_isa()) {
-#ifdef K2_DECODE_X86
+#ifdef K2_ATTENTION_X86
         case Isa::Avx512:
             return &split_avx512<T>;
         case Isa::Avx2:
