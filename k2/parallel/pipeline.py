@@ -215,10 +215,12 @@ class Pipeline:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             self.schedule.step(*args, target=labels if self.is_last else None, losses=losses)
         # mean cross-entropy (last stage) + this rank's balance losses per micro-batch, summed over the pipeline
-        loss = torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else torch.zeros(())
+        loss = (
+            torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else torch.zeros((), device=device)
+        )
         if self._aux:
             loss = loss + torch.stack(self._aux).sum() / self.microbatches
-        loss = loss.cpu()
+        loss = loss.to(self.device)  # NCCL reduces device tensors
         if self.par.pp_group is not None:
             dist.all_reduce(loss, group=self.par.pp_group)
         return loss
@@ -227,15 +229,15 @@ class Pipeline:
         """``[local MoE layers, E]`` tokens per expert over the step's micro-batches."""
         moes = self.local.moe_layers()
         if not moes:
-            return torch.zeros(0, self.local.config.n_routed_experts, dtype=torch.long)
+            return torch.zeros(0, self.local.config.n_routed_experts, dtype=torch.long, device=self.device)
         return torch.stack([self._loads[m] for m in moes])
 
     def max_attention_logits(self) -> torch.Tensor:
         """``[L, H]`` running max logits of every layer of the model (MAX over the pipeline; -inf elsewhere)."""
         cfg = self.local.config
-        out = torch.full((cfg.num_hidden_layers, cfg.num_attention_heads), float("-inf"))
+        out = torch.full((cfg.num_hidden_layers, cfg.num_attention_heads), float("-inf"), device=self.device)
         for index, layer in self.local.layers.items():
-            out[int(index)] = layer.self_attn.max_logits.float().cpu()
+            out[int(index)] = layer.self_attn.max_logits.float()
         if self.par.pp_group is not None:
             dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.par.pp_group)
         return out
@@ -249,9 +251,9 @@ def global_grad_norm(pipe: Pipeline, dense: list[torch.Tensor], experts: list[to
     """2-norm of the whole model's gradient: this rank's dense squares + its experts' squares summed over the EP
     group, then summed over the pipeline."""
     par = pipe.par
-    dense_sq = torch.nn.utils.get_total_norm(dense, foreach=True).double().square() if dense else torch.zeros(())
-    expert_sq = torch.nn.utils.get_total_norm(experts, foreach=True).double().square() if experts else torch.zeros(())
-    dense_sq, expert_sq = dense_sq.double().cpu(), expert_sq.double().cpu()
+    zero = torch.zeros((), dtype=torch.float64, device=pipe.device)
+    dense_sq = torch.nn.utils.get_total_norm(dense, foreach=True).double().square() if dense else zero
+    expert_sq = torch.nn.utils.get_total_norm(experts, foreach=True).double().square() if experts else zero
     if par.ep_group is not None:
         dist.all_reduce(expert_sq, group=par.ep_group)
     total = dense_sq + expert_sq
