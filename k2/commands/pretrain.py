@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,56 +21,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config, metrics.jsonl, TensorBoard events, checkpoints, plots, summary.json and a Hugging Face export "
         "into the run directory.",
     )
-    source = p.add_mutually_exclusive_group()
+    source = add_run_arguments(
+        p,
+        sections="[model] [data] [optim] [train] [eval] [checkpoint] [parallel]",
+        example="--set train.steps=100 --set optim.lr=3e-3",
+    )
     source.add_argument("--preset", metavar="NAME", help="model preset (tiny, small, moonlight, deepseek_v3, kimi_k2)")
-    source.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file with [model] [data] [optim] [train] [eval] [checkpoint] [parallel] sections",
-    )
-    source.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the run in DIR from its latest checkpoint, "
-        "with its saved config (--set still applies, e.g. train.steps to extend)",
-    )
-    p.add_argument(
-        "--set",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one config value, e.g. --set train.steps=100 --set optim.lr=3e-3 (repeatable)",
-    )
-    p.add_argument("--run-dir", metavar="DIR", help="where the run is written (default runs/<timestamp>)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import tomli_w
-
-    from k2.errors import ConfigError
     from k2.train import build_config, load_run_config, pretrain
 
-    if args.resume:
-        if args.run_dir and Path(args.run_dir) != Path(args.resume):
-            raise ConfigError("--resume DIR continues the run in DIR; do not also pass a different --run-dir")
-        config = load_run_config(args.resume, args.overrides)
-        run_dir = Path(args.resume)
-    else:
-        config = build_config(file=args.config, preset=args.preset, overrides=args.overrides)
-        run_dir = Path(args.run_dir) if args.run_dir else None
+    config, run_dir = resolve_run(
+        args, lambda o: build_config(file=args.config, preset=args.preset, overrides=o), load_run_config
+    )
     if args.print_config:
-        print(tomli_w.dumps(config.to_dict()), end="")
-        return 0
-
+        return print_config(config)
     try:
         summary = pretrain(config, run_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
-        where = run_dir or "the run directory"
-        print(f"k2 pretrain: interrupted; continue with: k2 pretrain --resume {where}", file=sys.stderr)
-        return 130
+        return interrupted("pretrain", run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _report(summary)
     return 0

@@ -7,8 +7,9 @@ the newest ``k2 pretrain`` run) on the built-in arithmetic task, on the CPU, in 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run, toml_string
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,10 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "config, metrics.jsonl, TensorBoard events, checkpoints, plots, summary.json and a Hugging Face export into "
         "the run directory.",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--config", metavar="FILE", help="TOML file with [model] [rl] [optim] [train] [checkpoint]")
-    source.add_argument(
-        "--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (--set still applies)"
+    add_run_arguments(
+        p, sections="[model] [rl] [optim] [train] [checkpoint]", example="--set rl.iterations=20 --set rl.tau=0.1"
     )
     p.add_argument(
         "--from",
@@ -31,43 +30,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="Hugging Face checkpoint to start from (default: the latest k2 sft export in runs/, else k2 pretrain's)",
     )
-    p.add_argument(
-        "--set",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one config value, e.g. --set rl.iterations=20 --set rl.tau=0.1 (repeatable)",
-    )
-    p.add_argument("--run-dir", metavar="DIR", help="where the run is written (default runs/<timestamp>)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import tomli_w
-
-    from k2.errors import ConfigError
     from k2.rl.config import build_rl_config, load_rl_config
     from k2.rl.loop import train
 
-    overrides = list(args.overrides) + ([f"model.path={_toml_string(args.source)}"] if args.source else [])
-    if args.resume:
-        if args.run_dir and Path(args.run_dir) != Path(args.resume):
-            raise ConfigError("--resume DIR continues the run in DIR; do not also pass a different --run-dir")
-        config = load_rl_config(args.resume, overrides)
-        run_dir = Path(args.resume)
-    else:
-        config = build_rl_config(file=args.config, overrides=overrides)
-        run_dir = Path(args.run_dir) if args.run_dir else None
+    overrides = list(args.overrides) + ([f"model.path={toml_string(args.source)}"] if args.source else [])
+    config, run_dir = resolve_run(
+        args, lambda o: build_rl_config(file=args.config, overrides=o), load_rl_config, overrides
+    )
     if args.print_config:
-        print(tomli_w.dumps(config.to_dict()), end="")
-        return 0
+        return print_config(config)
     try:
         s = train(config, run_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
-        print(f"k2 rl: interrupted; continue with: k2 rl --resume {run_dir or 'RUN_DIR'}", file=sys.stderr)
-        return 130
+        return interrupted("rl", run_dir)
     print(
         f"\nRL: {s['iterations']} iterations in {s['wall_s']:.0f} s from {s['from']}\n"
         f"reward: first fifth {s['reward_first_fifth']:.3f} -> last fifth {s['reward_last_fifth']:.3f}\n"
@@ -80,9 +59,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {key:<12} {s['files'][key]}")
     print(f"  plots        {', '.join(Path(p).name for p in s['files']['plots'])}")
     return 0
-
-
-def _toml_string(value: str) -> str:
-    import json
-
-    return json.dumps(value)  # a TOML basic string

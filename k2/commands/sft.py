@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
+
+from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run, toml_string
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,69 +36,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='.jsonl / .parquet chat records ({"messages": [...], "tools": [...]}) or a directory of them '
         "(default: the built-in tool-use dialogues)",
     )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument(
-        "--config", metavar="FILE", help="TOML file with [model] [data] [optim] [train] [eval] [checkpoint] [parallel]"
+    add_run_arguments(
+        p,
+        sections="[data] [optim] [train] [eval] [checkpoint] [parallel]",
+        example="--set train.steps=300 --set optim.lr=3e-3",
+        run_dir="runs/<timestamp>-sft",
     )
-    source.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the run in DIR from its latest checkpoint, with its saved config (--set still applies)",
-    )
-    p.add_argument(
-        "--set",
-        metavar="SECTION.KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one config value, e.g. --set train.steps=300 --set optim.lr=3e-3 (repeatable)",
-    )
-    p.add_argument("--run-dir", metavar="DIR", help="where the run is written (default runs/<timestamp>-sft)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import tomli_w
-
     from k2.errors import ConfigError
     from k2.train.config import SFTConfig, build_config, load_run_config
     from k2.train.sft import sft
 
     overrides = list(args.overrides)
     if args.base:
-        overrides.append(f"model.path={_toml_string(args.base)}")
+        overrides.append(f"model.path={toml_string(args.base)}")
     if args.data:
-        overrides.append(f"data.path={_toml_string(args.data)}")
-    if args.resume:
-        if args.run_dir and Path(args.run_dir) != Path(args.resume):
-            raise ConfigError("--resume DIR continues the run in DIR; do not also pass a different --run-dir")
-        if args.base or args.data:
-            raise ConfigError("--resume continues a run with its own model and data; drop --from / --data")
-        config = load_run_config(args.resume, overrides, schema=SFTConfig)
-        run_dir = Path(args.resume)
-    else:
-        config = build_config(file=args.config, overrides=overrides, schema=SFTConfig)
-        run_dir = Path(args.run_dir) if args.run_dir else None
+        overrides.append(f"data.path={toml_string(args.data)}")
+    if args.resume and (args.base or args.data):
+        raise ConfigError("--resume continues a run with its own model and data; drop --from / --data")
+    config, run_dir = resolve_run(
+        args,
+        lambda o: build_config(file=args.config, overrides=o, schema=SFTConfig),
+        lambda d, o: load_run_config(d, o, schema=SFTConfig),
+        overrides,
+    )
     if args.print_config:
-        print(tomli_w.dumps(config.to_dict()), end="")
-        return 0
-
+        return print_config(config)
     try:
         summary = sft(config, run_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
-        where = run_dir or "the run directory"
-        print(f"k2 sft: interrupted; continue with: k2 sft --resume {where}", file=sys.stderr)
-        return 130
+        return interrupted("sft", run_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
         _report(summary)
     return 0
-
-
-def _toml_string(value: str) -> str:
-    import json
-
-    return json.dumps(value)  # a JSON string is a TOML basic string
 
 
 def _pct(x: float | None) -> str:
