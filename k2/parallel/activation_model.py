@@ -124,6 +124,8 @@ def layer_saved_bytes(
         if e != 4:
             kept["router.fp32_in"] = 4 * d
         kept["router"] = 4 * n_exp + 8 * k + 4 + 4 * k + 4 * k + 4 * k  # scores, ids, norm, weights ×2, row map
+        if c.aux_loss_alpha > 0:
+            kept["aux_loss"] = 4  # the scores' per-token sum (the sequence-wise balance loss)
         f = c.moe_intermediate_size
         if "moe_up_proj_input" in fp8:
             small["x_sorted"] = k * _fp8_bytes(d)

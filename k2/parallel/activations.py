@@ -368,7 +368,7 @@ class ActivationMemory:
                 f"fp8_activations takes {list(FP8)}"
             )
         self.offload = bool(offload)
-        self.model: nn.Module | None = None
+        self.model: weakref.ref | None = None  # the model holds the policy: no reference cycle back
         self.parameters: set[int] = set()  # storages of the model's parameters (never stored or counted)
         self.stats = _Stats()
         self.layer = -1
@@ -384,8 +384,9 @@ class ActivationMemory:
     @contextmanager
     def layer_scope(self, layer: int) -> Iterator[None]:
         """Saved-tensor hooks for one block's forward."""
-        if self.model is not None:  # parameters may have moved (``.to()``, a loaded state dict) since the last forward
-            self.parameters = {_storage_key(p) for p in self.model.parameters()}
+        model = self.model() if self.model is not None else None
+        if model is not None:  # parameters may have moved (``.to()``, a loaded state dict) since the last forward
+            self.parameters = {_storage_key(p) for p in model.parameters()}
         self.layer, self._scope = layer, {}
         self._prefetched.discard(layer)
         try:
@@ -588,6 +589,6 @@ def apply_activation_memory(
             elif isinstance(module, Experts):
                 module.swiglu = functools.partial(_experts_swiglu, module, mem)
         block.forward = functools.partial(_block_forward, mem, i, block.forward)
-    mem.model = model
+    mem.model = weakref.ref(model)
     model._activation_memory = mem
     return mem
