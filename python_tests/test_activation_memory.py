@@ -34,11 +34,11 @@ def _batch(config, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _step(options: dict | None, micro_batches: int = 1, config=None):
+def _step(options: dict | None, micro_batches: int = 1, config=None, dtype: torch.dtype = torch.float32):
     """Loss(es), gradients, max logits and expert loads of ``micro_batches`` accumulated backward passes."""
     config = config or tiny()
     torch.manual_seed(0)
-    model = Transformer(config).train()
+    model = Transformer(config).to(dtype).train()
     if options is not None:
         apply_activation_memory(model, **options)
     losses = []
@@ -78,6 +78,13 @@ def _assert_identical(got, want) -> None:
 )
 def test_recompute_and_offload_are_bit_exact(options: dict, plain) -> None:
     _assert_identical(_step(options), plain)
+
+
+def test_bf16_model_bit_exact() -> None:
+    """bf16 weights and activations (RMSNorm and the router cast to fp32 inside, so more tensors are saved)."""
+    want = _step(None, dtype=torch.bfloat16)
+    _assert_identical(_step({"recompute": [*K2_RECOMPUTE, "attention"], "offload": True}, dtype=torch.bfloat16), want)
+    _assert_identical(_step({"recompute": ["layer"]}, dtype=torch.bfloat16), want)
 
 
 def test_offload_copies_on_cpu() -> None:

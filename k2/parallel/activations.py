@@ -202,8 +202,9 @@ def _is_parameter(t: torch.Tensor, parameters: set[int]) -> bool:
         if fn is None or type(fn).__name__ not in _PARAMETER_PATH or len(fn.next_functions) != 1:
             return False
         fn = fn.next_functions[0][0]
-        if type(fn).__name__ == "AccumulateGrad":
-            return True
+        if type(fn).__name__ == "AccumulateGrad":  # a leaf: a parameter, or a recomputation's detached input
+            leaf = fn.variable
+            return isinstance(leaf, nn.Parameter) or _storage_key(leaf) in parameters
     return False
 
 
