@@ -30,7 +30,8 @@ def test_default_is_one_process() -> None:
 @pytest.mark.parametrize(
     ("items", "world", "message"),
     [
-        (["parallel.pp=2"], None, "parallel.pp=2: pipeline parallelism is reserved for a later release; pp must be 1"),
+        (["parallel.pp=4"], None, "parallel.pp=4 x parallel.pp_virtual_stages=2 = 8 stages but the model has 4"),
+        (["parallel.pp=2"], 1, "parallel: pp·dp = 2 but WORLD_SIZE = 1; run 2 processes"),
         (["parallel.dp=4", "parallel.ep=3"], None, "parallel.ep=3 must divide parallel.dp=4"),
         (
             ["parallel.dp=6", "parallel.ep=3", "train.batch_size=6"],

@@ -26,7 +26,12 @@ expert loads of this rank's MoE layers summed over the micro-batches (forward ho
 max logits (their own buffers, MAX over micro-batches; MuonClip over this rank's attention modules MAX-reduces
 them over dp). :func:`clip_and_step` finishes the step: dp-average of the gradients, the global gradient norm over
 all stages (squares summed over the pipeline, expert squares over the EP group), clipping, the optimizer, and the
-expert-bias update of this rank's MoE layers.
+expert-bias update of this rank's MoE layers, and returns the step's metrics over the whole model (max logits,
+clipped heads and load imbalance per layer, MAX-gathered over the pipeline).
+
+For the trainer (``k2.train.loop``): :meth:`Pipeline.eval_loss` runs a held-out batch through the stages in turn
+(forward only, point-to-point, any batch size; no schedule), and :meth:`Pipeline.gather_state_dict` brings every
+stage's tensors to rank 0 for the Hugging Face export.
 """
 
 from __future__ import annotations
@@ -246,6 +251,46 @@ class Pipeline:
         for layer in self.local.layers.values():
             layer.self_attn.max_logits.fill_(float("-inf"))
 
+    def over_layers(self, values: dict[int, float]) -> torch.Tensor:
+        """``[L]`` per-layer values of the whole model from each rank's ``{global layer: value}`` (MAX over the
+        pipeline; -inf for a layer no rank gave)."""
+        out = torch.full((self.local.config.num_hidden_layers,), float("-inf"), device=self.device)
+        for index, value in values.items():
+            out[index] = value
+        if self.par.pp_group is not None:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.par.pp_group)
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the scored labels of ``input_ids, labels [B, S]`` (any B), on every rank of the
+        pipeline (fp32 scalar). Forward only and without a schedule: the stages run one after another, each rank
+        receiving the previous stage's hidden states ``[B, S, D]`` and sending its own on (evaluation is rare and has
+        no backward to overlap, so a schedule's micro-batches would only add shape constraints)."""
+        ranks = dist.get_process_group_ranks(self.par.pp_group)  # global rank of each pipeline rank
+        b, s = input_ids.shape
+        h = torch.empty(b, s, self.local.config.hidden_size, dtype=self.hidden_dtype, device=self.device)
+        loss = torch.zeros((), device=self.device)
+        for stage, module in zip(self.local_ids, self.stage_modules, strict=True):  # this rank's, in stage order
+            if stage > 0:
+                dist.recv(h, src=ranks[(stage - 1) % self.pp], group=self.par.pp_group)
+            out = module(input_ids.to(self.device) if stage == 0 else h).to(self.hidden_dtype)
+            if stage < self.num_stages - 1:
+                dist.send(out.contiguous(), dst=ranks[(stage + 1) % self.pp], group=self.par.pp_group)
+            else:
+                loss = self._loss(out, labels.to(self.device)).float()
+        dist.all_reduce(loss, group=self.par.pp_group)  # the last stage's loss, zeros elsewhere
+        return loss
+
+    def gather_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective over every rank: the whole model's state dict (CPU tensors, full-model names) on global rank 0,
+        None elsewhere; the first dp replica of each pipeline rank sends its stages' tensors. Under expert
+        parallelism call it inside ``k2.parallel.expert.gathered_experts`` so that they hold every expert."""
+        own = {k: v.detach().cpu() for k, v in self.local.state_dict().items()} if self.par.dp_rank == 0 else {}
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(own, parts, dst=0)
+        return None if parts is None else {k: v for part in parts for k, v in part.items()}
+
 
 def global_grad_norm(pipe: Pipeline, dense: list[torch.Tensor], experts: list[torch.Tensor]) -> torch.Tensor:
     """2-norm of the whole model's gradient: this rank's dense squares + its experts' squares summed over the EP
@@ -272,7 +317,8 @@ def clip_and_step(
 ) -> dict[str, Any]:
     """After :meth:`Pipeline.step`: dp-average the gradients (experts: sum over the replicas / dp), clip to the
     global norm over all stages, step the optimizer (MuonClip: QK-Clip of this rank's layers), update this rank's
-    expert biases from the dp-summed loads, and consume the max logits. Returns the step's record."""
+    expert biases from the dp-summed loads, and consume the max logits. Returns the step's record: the fields of
+    ``k2.train.loop.StepResult``, lists over the whole model's layers on every rank."""
     par = pipe.par
     dense, experts = ([p for _, p in named] for named in split_expert_parameters(pipe.local))
     load = pipe.expert_load()
@@ -295,7 +341,27 @@ def clip_and_step(
         update_expert_bias(pipe.local.moe_layers(), load, expert_bias_rate)
     pipe.reset_max_attention_logits()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(loss), "grad_norm": float(norm), "finite": finite, "max_logit": max_logits.amax(1).tolist()}
+
+    # Metrics of the whole model, gathered over the pipeline: QK-Clip's clipped heads and the load imbalance per layer.
+    layers = [int(i) for i in pipe.local.layers]  # ascending: the order of find_attention and moe_layers
+    qk = getattr(optimizer, "last_qk_clip", None)  # MuonClip: this step's clipped heads of this rank's layers
+    clipped: list[int] = []
+    if finite and qk is not None and qk["clipped_heads"].numel():  # the same on every rank
+        counts = pipe.over_layers(dict(zip(layers, qk["clipped_heads"].tolist(), strict=True)))
+        clipped = [int(c) for c in counts]
+    moe_layers = [i for i in layers if isinstance(pipe.local.layers[str(i)].mlp, MoE)]
+    load = load.float()
+    mine = (load.amax(dim=1) / load.mean(dim=1).clamp_min(1e-9)).tolist() if load.numel() else []
+    imbalance = pipe.over_layers(dict(zip(moe_layers, mine, strict=True)))
+    cfg = pipe.local.config
+    return {
+        "loss": float(loss),
+        "grad_norm": float(norm),
+        "finite": finite,
+        "max_logit": max_logits.amax(1).tolist(),
+        "clipped_heads": clipped,
+        "load_imbalance": [float(imbalance[i]) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)],
+    }
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ Expert parallelism (``k2.parallel.expert``): an EP rank's expert stacks ``[E/ep,
 DTensors of the global ``[E, ...]`` stack over the EP group, and their optimizer state as ``Shard(0)`` DTensors of the
 global flat tensor (over the EP group, or a 2-D ``(ep, ep_replica)`` mesh when ZeRO-1 also chunks them over the
 expert-replica group: the expert dim is outermost, so EP rank r's block is ``[r·n, (r+1)·n)`` and ZeRO-1 chunks it),
-so an EP checkpoint loads in one process and the reverse. Model parameters are replicated in data parallelism; DCP
+so an EP checkpoint loads in one process and the reverse. Pipeline parallelism: each pipeline rank saves its stages
+(``k2.parallel.pipeline.LocalStages``) under the full model's names and loads with ``part=True``, so the shards of all
+ranks form the one-process checkpoint and load at any pp. Model parameters are replicated in data parallelism; DCP
 writes one copy. ``trainer_state`` (schedule, data
 position, counters) must be the same on every rank and is written once. RNG states are per rank (``rng.rankR``):
 rank R resumes rank R's generators; a rank beyond the saved world size keeps its own (a warning says so).
@@ -385,8 +387,9 @@ def _read_dcp_metadata(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"damaged checkpoint {path}: cannot read its DCP metadata ({e})") from None
 
 
-def check_shapes(path: str | os.PathLike[str], model: nn.Module, metadata: Any = None) -> None:
-    """``CheckpointError`` unless the checkpoint's model tensors have exactly this model's names and shapes."""
+def check_shapes(path: str | os.PathLike[str], model: nn.Module, metadata: Any = None, *, part: bool = False) -> None:
+    """``CheckpointError`` unless the checkpoint's model tensors have exactly this model's names and shapes
+    (``part``: this model's tensors are among them: one pipeline rank's stages, ``k2.parallel.pipeline``)."""
     metadata = metadata or _read_dcp_metadata(path)
     saved = {
         k.removeprefix("model."): tuple(v.size)
@@ -406,7 +409,7 @@ def check_shapes(path: str | os.PathLike[str], model: nn.Module, metadata: Any =
                 f"but {list(shape)} in this model"
             )
     extra = sorted(set(saved) - set(mine))
-    if extra:
+    if extra and not part:
         raise CheckpointError(f"checkpoint {path} is of a different model: this model has no tensor {extra[0]}")
 
 
@@ -415,17 +418,24 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_template: dict[str, Any],
+    *,
+    part: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` and ``optimizer`` in place, restore this rank's RNG states, and return the
     saved trainer state (same keys as ``trainer_template``, whose values only give the structure). Under
-    ``torch.distributed`` every rank must call this; the checkpoint may come from any world size."""
+    ``torch.distributed`` every rank must call this; the checkpoint may come from any world size. ``part``: ``model``
+    holds some of the checkpoint's tensors (a pipeline rank's stages under the full model's names, so a checkpoint
+    loads at any pp)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
     read_meta(path)
     metadata = _read_dcp_metadata(path)
-    check_shapes(path, model, metadata)
+    check_shapes(path, model, metadata, part=part)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    # The param groups (names and hyperparameters, no state) are written once, by rank 0: a pipeline rank keeps its
+    # own, which list its parameters and were built from the same config.
+    own_groups = [{**g, "params": list(g["params"])} for g in optim_sd["param_groups"]]
     optim_sd = _optim_to_saved(optim_sd, model, optimizer)
     state: dict[str, Any] = {
         "model": _model_to_saved(model_sd, model),
@@ -447,6 +457,8 @@ def load_checkpoint(
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {str(e).strip().splitlines()[-1]}") from None
     optim_sd = _optim_from_saved(state["optim"], model, optimizer)
+    if part:
+        optim_sd["param_groups"] = own_groups
     set_state_dict(model, optimizer, model_state_dict=_from_saved(state["model"]), optim_state_dict=optim_sd)
     if has_rng:
         set_rng_state(state["rng"][rng_key])

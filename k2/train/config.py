@@ -9,9 +9,10 @@ section.key=value`` overrides. Every key is checked: an unknown section or key, 
 raises ``ConfigError`` naming it and listing what is allowed. The resolved config is written into the run
 directory as ``config.toml`` and is what ``--resume`` reads back.
 
-``[parallel]`` (``dp``, ``ep``, ``pp``, ``timeout_s``) lays the run out over the ranks of a torchrun job
-(``k2.parallel``); all 1s is one process. ``train.batch_size`` is the global batch over all dp ranks, so changing dp
-does not change the math. ``validate_parallel`` holds every rule of the section.
+``[parallel]`` (``dp``, ``ep``, ``pp`` and the pipeline's ``pp_*``, ``timeout_s``) lays the run out over the ranks of a
+torchrun job (``k2.parallel``); all 1s is one process. ``train.batch_size`` is the global batch over all dp ranks, so
+changing dp or pp does not change the math (with pp > 1 each pipeline splits its rows into ``pp_microbatches``).
+``validate_parallel`` holds every rule of the section.
 
 ``[model]`` holds ``preset`` plus any scalar ``ModelConfig`` field, which overrides the preset's value (e.g.
 ``num_hidden_layers = 2``). TOML has no null, so "off" is spelled 0 where a feature can be off (``grad_clip``,
@@ -34,6 +35,7 @@ import tomli_w
 from k2.errors import ConfigError
 from k2.model import ModelConfig, presets
 from k2.optim import schedule
+from k2.parallel.plan import check_pipeline
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,8 +124,21 @@ class CheckpointSection:
 class ParallelSection:
     dp: int = 1  # data-parallel ranks (ZeRO-1); pp·dp = WORLD_SIZE of the torchrun job
     ep: int = 1  # expert-parallel ranks, drawn from dp: ep divides dp and model.n_routed_experts
-    pp: int = 1  # pipeline stages: reserved, must be 1
+    pp: int = 1  # pipeline-parallel ranks (k2.parallel.pipeline); pp > 1 needs train.grad_accum = 1
+    # Stages per pipeline rank: 2 by default, the fewest that make the default interleaved 1F1B interleave (with 1 it
+    # is plain 1F1B) and what K2 trained with; pp x pp_virtual_stages <= the model's layers; 1 for 1f1b and gpipe.
+    pp_virtual_stages: int = 2
+    pp_schedule: Literal["interleaved_1f1b", "interleaved_zero_bubble", "looped_bfs", "1f1b", "gpipe"] = (
+        "interleaved_1f1b"
+    )
+    pp_microbatches: int = 0  # micro-batches per step and pipeline; 0 = pp, the fewest interleaved 1F1B takes
+    pp_layers: tuple[int, ...] = ()  # decoder layers per stage (pp x pp_virtual_stages counts); () = balanced
     timeout_s: float = 600.0  # torch.distributed collective timeout: a dead rank ends the job after this long
+
+    @property
+    def microbatches(self) -> int:
+        """``pp_microbatches`` resolved (0 means ``pp``)."""
+        return self.pp_microbatches or self.pp
 
 
 class _RunConfig:
@@ -445,8 +460,7 @@ def validate_parallel(config: RunConfig, world_size: int | None = None, *, n_rou
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     if not p.timeout_s > 0:
         raise ConfigError(f"parallel.timeout_s must be > 0, got {p.timeout_s}")
-    if p.pp != 1:
-        raise ConfigError(f"parallel.pp={p.pp}: pipeline parallelism is reserved for a later release; pp must be 1")
+    _validate_pipeline(config)
     if p.dp % p.ep:
         raise ConfigError(
             f"parallel.ep={p.ep} must divide parallel.dp={p.dp} (an expert-parallel group is ep consecutive "
@@ -460,12 +474,47 @@ def validate_parallel(config: RunConfig, world_size: int | None = None, *, n_rou
             f"parallel.dp={p.dp} (each rank takes batch_size/dp sequences)"
         )
     if world_size is not None and p.pp * p.dp != world_size:
+        fits = world_size % p.pp == 0  # some dp makes pp·dp = WORLD_SIZE
         raise ConfigError(
             f"parallel: pp·dp = {p.pp * p.dp} but WORLD_SIZE = {world_size}; run {p.pp * p.dp} "
             f"process{'es' if p.pp * p.dp > 1 else ''} "
-            f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 {_command(config)} ...) or set parallel.dp="
-            f"{world_size // p.pp}"
+            f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 {_command(config)} ...) or set "
+            + (f"parallel.dp={world_size // p.pp}" if fits else f"parallel.pp to a divisor of {world_size}")
         )
+
+
+def _validate_pipeline(config: RunConfig) -> None:
+    """The rules of ``parallel.pp*``: ``k2.parallel.plan.check_pipeline``'s layout rules, then what the trainer's
+    pipelined step needs (its micro-batches replace gradient accumulation; no packed documents)."""
+    p = config.parallel
+    if p.pp_microbatches < 0:
+        raise ConfigError(f"parallel.pp_microbatches must be >= 0 (0 = parallel.pp), got {p.pp_microbatches}")
+    if p.pp == 1:
+        return
+    if isinstance(config, SFTConfig):
+        raise ConfigError(
+            f"parallel.pp={p.pp}: k2 sft does not support pipeline parallelism (packed conversations and the tool-call "
+            "evaluation need the whole model on a rank); set parallel.pp=1"
+        )
+    layers = list(p.pp_layers) or None
+    check_pipeline(
+        config.model.build().num_hidden_layers, p.pp, p.pp_virtual_stages, p.pp_schedule, p.microbatches, layers
+    )
+    if config.train.grad_accum != 1:
+        raise ConfigError(
+            f"train.grad_accum={config.train.grad_accum}: with parallel.pp={p.pp} the pipeline's micro-batches "
+            "accumulate the gradient; set train.grad_accum=1 and raise parallel.pp_microbatches"
+        )
+    rows = config.train.batch_size // p.dp
+    if rows % p.microbatches:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} over parallel.dp={p.dp} gives {rows} rows per pipeline, "
+            f"not a multiple of parallel.pp_microbatches={p.microbatches}"
+        )
+    if config.data.document_mask:
+        raise ConfigError(f"data.document_mask=true is not supported with parallel.pp={p.pp} (packed documents)")
+    if config.train.offload_activations:
+        raise ConfigError(f"train.offload_activations=true is not supported with parallel.pp={p.pp}")
 
 
 def _command(config: RunConfig) -> str:

@@ -24,9 +24,12 @@ The run is deterministic on a given machine: initialisation from ``train.seed``,
 uninterrupted run's losses bit for bit (tested). Under torchrun (``[parallel]``) each rank trains its slice of the
 global batch; with ``ep > 1`` the MoE experts are split over the expert-parallel group (``k2.parallel.expert``),
 expert gradients are summed over the expert-replica group and divided by dp, and the clipping norm adds the EP
-ranks' expert norms² to the replicated dense norm². At the end: a final evaluation and checkpoint, the Hugging Face
-export (``RUN_DIR/hf``: safetensors, ``config.json`` and the tokenizer, loadable by ``k2 chat``), PNG plots and
-``summary.json``.
+ranks' expert norms² to the replicated dense norm². With ``pp > 1`` (``pretrain`` only) the model is cut into
+``k2.parallel.pipeline`` stages: ``pipeline_step`` replaces steps 2–4 (the schedule's micro-batches replace
+``grad_accum``), the held-out loss runs through the stages in turn, each rank checkpoints its stages under the full
+model's names (so a run resumes at any pp), and rank 0 gathers the stages for the export. At the end: a final
+evaluation and checkpoint, the Hugging Face export (``RUN_DIR/hf``: safetensors, ``config.json`` and the tokenizer,
+loadable by ``k2 chat``), PNG plots and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -59,6 +62,9 @@ from k2.train import checkpoint as ckpt
 from k2.train.config import CONFIG_FILE, RunConfig, SFTConfig, TrainConfig, lr_schedule, validate_parallel
 from k2.train.data import TrainData, baseline_loss, build_data, eval_sequences
 from k2.train.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, Progress
+
+if TYPE_CHECKING:  # imported where used: torch.distributed.pipelining takes ~0.4 s to import
+    from k2.parallel.pipeline import Pipeline
 
 SUMMARY_FILE = "summary.json"
 HF_DIR = "hf"
@@ -101,11 +107,12 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_optimizer(model: Transformer, config: RunConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: RunConfig, par: ParallelState | None = None) -> torch.optim.Optimizer:
     """AdamW (replicated over dp) or MuonClip, ZeRO-1 over the dp group and, for expert-parallel stacks, over the
     expert-replica group (the ranks holding the same experts); gradients arrive reduced (``train_step``), so
     MuonClip does not reduce them again. The parameter groups are the same with or without parallelism (dense,
-    then experts), so a checkpoint loads at any layout."""
+    then experts), so a checkpoint loads at any layout. ``model``: a ``Transformer``, or a pipeline rank's stages
+    (``Pipeline.local``)."""
     o = config.optim
     if o.name == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
@@ -154,10 +161,12 @@ def evaluate(
     device,
     amp,
     par: ParallelState | None = None,
+    pipeline: Pipeline | None = None,
 ) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over the first ``num_sequences`` held-out sequences (``heldout`` is
     ``PackedSequences`` or anything with the same ``batch``: SFT rows), and the count of scored (label != -100)
-    tokens. Data parallel: rank r scores batches r, r+dp, ...; the sums are all-reduced (fp64)."""
+    tokens. Data parallel: rank r scores batches r, r+dp, ...; the sums are all-reduced (fp64). Pipeline parallel:
+    each batch goes through ``pipeline.eval_loss`` (the stages in turn), whose loss every pipeline rank gets."""
     par = par or ParallelState()
     was_training = model.training
     model.eval()
@@ -171,7 +180,7 @@ def evaluate(
         # round's first one and discards it.
         x, y, layout = _to_device(batches[i if i < len(batches) else first], device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = model.loss(x, y, **layout)
+            loss = pipeline.eval_loss(x, y) if pipeline is not None else model.loss(x, y, **layout)
         if i < len(batches):
             n = int((y != IGNORE_INDEX).sum())
             total += float(loss) * n
@@ -271,6 +280,33 @@ def train_step(
     )
 
 
+def pipeline_step(
+    pipe: Pipeline,
+    optimizer: torch.optim.Optimizer,
+    batches: packing.BatchIterator,
+    config: RunConfig,
+    device: torch.device,
+    amp: torch.dtype | None,
+    par: ParallelState,
+) -> StepResult:
+    """``train_step`` under pipeline parallelism (``parallel.pp > 1``, ``train.grad_accum = 1``): this rank's rows of
+    the global batch go through ``Pipeline.step`` (the schedule splits them into ``parallel.pp_microbatches`` and
+    accumulates), then ``clip_and_step`` (dp average, global norm over the stages, optimizer per stage, expert bias per
+    stage). The loss is the global batch's mean on every rank."""
+    from k2.parallel.pipeline import clip_and_step
+
+    rows = dpar.batch_rows(config.train.batch_size, par)
+    batch = next(batches) if par.dp == 1 else batches.data.batch(batches.next_indices()[rows])
+    x, y, _ = _to_device(batch, device)
+    loss = pipe.step(x, y, amp)
+    if par.dp_group is not None:
+        loss = dpar.all_reduce(loss, par.dp_group) / par.dp  # mean of equal-sized slices' means
+    o = config.optim
+    return StepResult(
+        **clip_and_step(pipe, optimizer, grad_clip=o.grad_clip, expert_bias_rate=o.expert_bias_rate, loss=loss)
+    )
+
+
 @dataclass
 class Job:
     """What a front end (``pretrain``, ``k2.train.sft``) hands the shared trainer, built before the run directory is
@@ -288,6 +324,14 @@ class Job:
     summary: dict[str, Any] = field(default_factory=dict)  # front-end fields of summary.json, first in it
     eval_at_start: bool = False  # evaluate the starting model as step 0 (a fresh run only)
     summarize: Callable[[Path], dict[str, Any]] | None = None  # more summary fields from the finished run directory
+    # Pipeline parallelism: this rank's stages of ``model``, which it trains and checkpoints (``model`` is kept whole on
+    # every rank: the configuration, the activation-memory hooks and, on rank 0, the export gathered into it).
+    pipeline: Pipeline | None = None
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module whose parameters this rank's optimizer owns and its checkpoint shards hold."""
+        return self.pipeline.local if self.pipeline is not None else self.model
 
 
 def _prepare_run_dir(run_dir: Path | None, resume: bool, command: str) -> Path:
@@ -335,7 +379,21 @@ def _pretrain_job(config: TrainConfig, device: torch.device, amp: torch.dtype | 
     model = Transformer(model_cfg).to(device)
     apply_expert_parallel(model, par)  # this rank's slice of the seeded experts
     model.train()
-    optimizer = build_optimizer(model, config, par)
+    pipe = None
+    if par.pp > 1:
+        from k2.parallel.pipeline import Pipeline
+
+        p = config.parallel
+        pipe = Pipeline(
+            model,
+            par,
+            virtual_stages=p.pp_virtual_stages,
+            schedule=p.pp_schedule,
+            microbatches=p.microbatches,
+            device=device,
+            layers_per_stage=list(p.pp_layers) or None,
+        )
+    optimizer = build_optimizer(pipe.local if pipe is not None else model, config, par)
     batches = packing.BatchIterator(data.train, config.train.batch_size, seed=config.data.seed)
     tokens_per_step = config.train.batch_size * config.train.grad_accum * config.data.context_len
 
@@ -348,6 +406,7 @@ def _pretrain_job(config: TrainConfig, device: torch.device, amp: torch.dtype | 
             device=device,
             amp=amp,
             par=par,
+            pipeline=pipe,
         )
         return {"eval_loss": loss, "eval_tokens": tokens}
 
@@ -362,6 +421,7 @@ def _pretrain_job(config: TrainConfig, device: torch.device, amp: torch.dtype | 
         tokenizer=data.tokenizer,
         source=data.source,
         summary={"baseline_loss": baseline},
+        pipeline=pipe,
     )
 
 
@@ -425,7 +485,7 @@ def _run_job_ranks(
     }
     resumed_from = None
     if resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
-        state = ckpt.load_checkpoint(latest, model, optimizer, state)
+        state = ckpt.load_checkpoint(latest, job.trained, optimizer, state, part=job.pipeline is not None)
         batches.load_state_dict(state["data"])
         resumed_from = latest
     if state["step"] >= config.train.steps:
@@ -459,6 +519,10 @@ def _run_job_ranks(
     if job.summarize is not None and par.is_main:
         summary.update(job.summarize(run_dir))
     with gathered_experts(model):  # collective: the export holds every expert
+        if job.pipeline is not None:  # collective: rank 0's model gets every stage's trained tensors
+            whole = job.pipeline.gather_state_dict()
+            if whole is not None:
+                model.load_state_dict(whole)
         if not par.is_main:
             return {**summary, "files": {}}
         _write_json(run_dir / SUMMARY_FILE, summary)  # the plots read the baseline from it
@@ -513,7 +577,10 @@ def _run(
             lr = schedule(state["step"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            r = train_step(model, optimizer, batches, config, device, amp, par)
+            if job.pipeline is not None:
+                r = pipeline_step(job.pipeline, optimizer, batches, config, device, amp, par)
+            else:
+                r = train_step(model, optimizer, batches, config, device, amp, par)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_s = time.perf_counter() - t0
@@ -572,7 +639,13 @@ def _run(
             periodic = t.checkpoint_every and step % t.checkpoint_every == 0
             if (periodic and not state["consecutive_skipped"]) or step == total:  # not in the middle of a bad streak
                 ckpt.save_checkpoint(
-                    run_dir, step, model, optimizer, trainer_state(), keep_last=config.checkpoint.keep_last, meta=meta
+                    run_dir,
+                    step,
+                    job.trained,
+                    optimizer,
+                    trainer_state(),
+                    keep_last=config.checkpoint.keep_last,
+                    meta=meta,
                 )
     finally:
         if progress is not None:
