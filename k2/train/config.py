@@ -479,7 +479,7 @@ def validate_parallel(config: RunConfig, world_size: int | None = None, *, n_rou
             f"parallel: pp·dp = {p.pp * p.dp} but WORLD_SIZE = {world_size}; run {p.pp * p.dp} "
             f"process{'es' if p.pp * p.dp > 1 else ''} "
             f"(torchrun --nproc-per-node={p.pp * p.dp} --no-python k2 {_command(config)} ...) or set "
-            + (f"parallel.dp={world_size // p.pp}" if fits else f"parallel.pp to a divisor of {world_size}")
+            + (f"parallel.dp={world_size // p.pp}" if fits else f"parallel.pp=1 and parallel.dp={world_size}")
         )
 
 
