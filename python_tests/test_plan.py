@@ -23,6 +23,7 @@ from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _Com
 from k2.cli import main
 from k2.errors import ConfigError
 from k2.model import Transformer, count_parameters, presets
+from k2.parallel.activation_model import layer_saved_bytes
 from k2.parallel.plan import (
     ActivationOptions,
     PlanInputs,
@@ -67,15 +68,29 @@ def test_activation_model_matches_saved_tensors(one_thread, preset, dtype, batch
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     measured = saved_bytes(model, ids)
     predicted = activation_bytes(cfg, tokens=batch * seq, act_bytes=dtype.itemsize)
-    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+    assert predicted.offloaded == 0
+    assert abs(predicted.device / measured - 1) < 0.10, (predicted, measured)
 
 
-def test_activation_options_shrink_memory() -> None:
+def test_activation_options_are_the_activation_models() -> None:
+    """The planner's flags are K2's option lists, and its blocks' bytes are ``activation_model``'s."""
     cfg = presets.kimi_k2()
-    base = activation_bytes(cfg, tokens=4096)
-    recompute = activation_bytes(cfg, tokens=4096, options=ActivationOptions(recompute=True))
-    both = activation_bytes(cfg, tokens=4096, options=ActivationOptions(recompute=True, fp8_storage=True))
+    assert ActivationOptions(recompute=True, fp8_storage=True, offload=True).modules() == {
+        "recompute": ("norm", "swiglu", "mla_up_proj", "moe_down_proj"),
+        "fp8_activations": ("moe_up_proj_input", "swiglu_input"),
+        "offload": True,
+    }
+    assert ActivationOptions(recompute_moe_down=True).modules()["recompute"] == ("moe_down_proj",)
+    base = activation_bytes(cfg, tokens=4096).total
+    recompute = activation_bytes(cfg, tokens=4096, options=ActivationOptions(recompute=True)).total
+    both = activation_bytes(cfg, tokens=4096, options=ActivationOptions(recompute=True, fp8_storage=True)).total
     assert both < recompute < base
+    layers = range(3, 5)  # MoE layers inside the pipeline: the blocks only, FP8 kept on the device under offload
+    options = ActivationOptions(recompute=True, fp8_storage=True, offload=True)
+    stage = activation_bytes(cfg, tokens=4096, layers=layers, first=False, last=False, options=options)
+    blocks = [layer_saved_bytes(cfg, i, act_bytes=2, **options.modules()) for i in layers]
+    assert stage.device == pytest.approx(4096 * sum(b.device for b in blocks))
+    assert stage.offloaded > 4096 * sum(b.offloaded for b in blocks)  # + the router's fp32 weight copies
 
 
 def torch_interleaved_peak(pp: int, v: int, m: int, rank: int) -> int:

@@ -48,8 +48,11 @@ def layer_saved_bytes(
     recompute: Iterable[str] = (),
     fp8_activations: Iterable[str] = (),
     offload: bool = False,
+    routed_copies: float | None = None,
 ) -> LayerBytes:
-    """Bytes per token that layer ``layer_idx``'s forward saves for backward, with the given options."""
+    """Bytes per token that layer ``layer_idx``'s forward saves for backward, with the given options.
+    ``routed_copies``: the token copies per token the layer's routed experts hold (default ``num_experts_per_tok``;
+    more on the busiest rank of an expert-parallel group with uneven load, as a planner asks)."""
     recompute, fp8 = frozenset(recompute), frozenset(fp8_activations)
     if recompute - set(RECOMPUTE) or fp8 - set(FP8):
         raise ValueError(
@@ -126,14 +129,14 @@ def layer_saved_bytes(
         kept["router"] = 4 * n_exp + 8 * k + 4 + 4 * k + 4 * k + 4 * k  # scores, ids, norm, weights ×2, row map
         if c.aux_loss_alpha > 0:
             kept["aux_loss"] = 4  # the scores' per-token sum (the sequence-wise balance loss)
-        f = c.moe_intermediate_size
+        copies = k if routed_copies is None else routed_copies  # the routed experts' token copies
         if "moe_up_proj_input" in fp8:
-            small["x_sorted"] = k * _fp8_bytes(d)
+            small["x_sorted"] = copies * _fp8_bytes(d)
         else:
-            kept["x_sorted"] = k * e * d
-        _swiglu("experts", k, f, e, recompute, fp8, kept, small)
+            kept["x_sorted"] = copies * e * d
+        _swiglu("experts", copies, c.moe_intermediate_size, e, recompute, fp8, kept, small)
         if "moe_down_proj" not in recompute:
-            kept["y_sorted"] = k * e * d
+            kept["y_sorted"] = copies * e * d
     if ffn_width > 0:
         _swiglu("mlp", 1, ffn_width, e, recompute, fp8, kept, small)
     return _place(kept, small, offload)
@@ -141,7 +144,7 @@ def layer_saved_bytes(
 
 def _swiglu(
     name: str,
-    copies: int,
+    copies: float,
     f: int,
     e: int,
     recompute: frozenset[str],

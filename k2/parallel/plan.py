@@ -13,22 +13,19 @@ Memory per GPU, for the pipeline rank that holds the most (the stages of a rank 
 - states: parameters (``param_bytes``, bf16), gradient buffer (``grad_bytes``, fp32), optimizer state (ZeRO-1:
   fp32 master copy + Muon momentum for matrices, or AdamW's two moments for the embedding, LM head and vectors
   (Moonlight's split, ``k2.optim.MuonClip``); ``optimizer_offload`` of it lives in host memory);
-- activations: the bytes autograd saves per micro-batch for each stage (:func:`activation_bytes`, validated
-  against ``torch.autograd.graph.saved_tensors_hooks`` on a real forward of the ``tiny``/``small`` presets),
-  times the micro-batches in flight on that rank at the schedule's peak (:func:`in_flight`: a replay of the
-  schedule's order of forwards and backwards, as ``torch.distributed.pipelining`` builds it), plus the stage's
-  received input and sent output, which the pipeline keeps for the backward.
+- activations: the bytes autograd saves per micro-batch for each stage (:func:`activation_bytes`): its blocks as
+  ``k2.parallel.activation_model`` counts them (validated against ``torch.autograd.graph.saved_tensors_hooks``
+  under the real options of ``k2.parallel.activations``), the per-micro-batch constants and the embedding / final
+  norm / LM-head bytes outside the blocks, times the micro-batches in flight on that rank at the schedule's peak
+  (:func:`in_flight`: a replay of the schedule's order of forwards and backwards, as
+  ``torch.distributed.pipelining`` builds it), plus the stage's received input and sent output, which the pipeline
+  keeps for the backward.
 
-Activation model (bytes per token, ``a`` the activation dtype's size, fp32 where k2's code computes in fp32): per
-RMSNorm its fp32 input, the 1/rms and the normalised value; per linear its input; the MLA latents, the up-projected
-keys/values and the query/key/output/log-sum-exp that the attention kernel saves; per SwiGLU gate, up, silu and
-product; per MoE layer the router's fp32 scores, top-k ids and weights, and for each of the ``K`` token copies the
-permuted input, the SwiGLU intermediates and the expert output. The reduction options are those of the report
-(§2.4.3): selective recompute (RMSNorm, SwiGLU, MLA up-projections; optionally the MoE down-projections), FP8
-storage (E4M3, 1×128 tiles, fp32 scales) of the inputs of the MoE up-projections and of SwiGLU, and CPU offload of
-the remaining saved activations, of which only the working set (the chunk computing and the one prefetched) stays
-on the GPU (the pipeline's stage inputs and outputs stay too).
-These option factors are the planner's own model of those techniques.
+The reduction options are the report's (§2.4.3), as ``k2.parallel.activations`` applies them: selective recompute
+(``norm``, ``swiglu``, ``mla_up_proj``, ``moe_down_proj``), FP8 storage (E4M3, 1×128 tiles, fp32 scales) of the
+MoE up-projections' and SwiGLU's inputs, which stays on the GPU, and CPU offload of the rest of the blocks' saved
+bytes, of which only the working set (the chunk computing and the one prefetched) stays on the GPU (the pipeline's
+stage inputs and outputs and the bytes outside the blocks stay too).
 
 Communication per GPU per step (bytes sent by the busiest rank): EP all-to-all (dispatch and combine, forward and
 backward, the ``(ep-1)/ep`` of the token copies that leave the rank), PP send/recv (activations forward, their
@@ -48,6 +45,8 @@ from typing import Any
 from k2.errors import ConfigError
 from k2.model.config import ModelConfig
 from k2.model.params import attention_parameters
+from k2.parallel.activation_model import LayerBytes, layer_saved_bytes
+from k2.parallel.activations import FP8
 
 F32 = 4
 # Schedules of torch.distributed.pipelining by k2 name; the first set runs several stages per rank.
@@ -57,14 +56,23 @@ SCHEDULES = MULTI_STAGE_SCHEDULES + SINGLE_STAGE_SCHEDULES
 GB = 1e9
 
 
+# The report's selective recompute (§2.4.3) as ``k2.parallel.activations`` names its regions.
+K2_RECOMPUTE = ("norm", "swiglu", "mla_up_proj", "moe_down_proj")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ActivationOptions:
     """The report's activation reductions (§2.4.3), each on or off."""
 
-    recompute: bool = False  # selective: RMSNorm, SwiGLU, MLA up-projections
-    recompute_moe_down: bool = False  # also the MoE down-projections
+    recompute: bool = False  # selective: RMSNorm, SwiGLU, MLA up-projections, MoE down-projections
+    recompute_moe_down: bool = False  # the MoE down-projections alone (implied by recompute)
     fp8_storage: bool = False  # inputs of the MoE up-projections and of SwiGLU in FP8 (1x128 tiles)
     offload: bool = False  # every other activation to host memory, a working set of two chunks on the GPU
+
+    def modules(self) -> dict[str, Any]:
+        """These flags as the options of ``k2.parallel.activations.apply_activation_memory``."""
+        recompute = K2_RECOMPUTE if self.recompute else ("moe_down_proj",) if self.recompute_moe_down else ()
+        return {"recompute": recompute, "fp8_activations": FP8 if self.fp8_storage else (), "offload": self.offload}
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------
@@ -209,68 +217,9 @@ def _balanced_counts(cfg: ModelConfig, k: int, ep: int) -> list[int]:
 # ---- activations -------------------------------------------------------------------------------------------------
 
 
-def _rms_norm(n: int, a: int, opt: ActivationOptions, input_bytes: float | None = None) -> float:
-    """Saved bytes per token of an RMSNorm over ``n`` features (its output is counted by its consumers). Without
-    recompute: its fp32 input (``input_bytes``: the input's storage when it is already fp32), 1/rms and the
-    normalised value; with recompute only the input, kept for the recomputation."""
-    if opt.recompute:
-        return a * n
-    fp32_input = (input_bytes if input_bytes is not None else F32 * n) if a == F32 else F32 * n
-    return fp32_input + F32 + a * n
-
-
-def layer_activation_bytes_per_token(
-    cfg: ModelConfig,
-    layer: int,
-    *,
-    act_bytes: int = 2,
-    options: ActivationOptions = ActivationOptions(),
-) -> float:
-    """Bytes autograd keeps per token for one decoder layer's backward (see the module docstring), with the
-    recompute and FP8-storage options applied (offload moves these bytes, it does not shrink them)."""
-    a, opt = act_bytes, options
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    dqk, dn, dv, r, dr = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    # Attention: input norm, its output (input of q_a / kv_a or q_proj)
-    saved = _rms_norm(d, a, opt) + a * d
-    if cfg.q_lora_rank is not None:
-        qr = cfg.q_lora_rank
-        saved += _rms_norm(qr, a, opt) + a * qr  # q_a_layernorm, input of q_b_proj
-    # latent c_kv: its fp32 view is the whole [T, r + dr] kv_a output when that is fp32
-    saved += _rms_norm(r, a, opt, input_bytes=F32 * (r + dr)) + a * r  # kv_a_layernorm, input of kv_b_proj
-    if not opt.recompute:  # up-projected values (kv_b output), concatenated q and k saved by the kernel
-        saved += a * h * (dn + dv) + 2 * a * h * dqk
-    saved += a * h * dv + F32 * h  # attention output (o_proj input) and log-sum-exp
-    # MLP
-    saved += _rms_norm(d, a, opt) + a * d  # post-attention norm, its output (the MLP/router input)
-    swiglu = 2 if opt.recompute else 4  # gate, up (+ silu, product)
-    if not cfg.is_moe_layer(layer):
-        return saved + swiglu * a * cfg.intermediate_size
-    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    # router: fp32 copy of the input (bf16), fp32 scores, top-k ids, weights and their normaliser
-    saved += (F32 * d if a != F32 else 0) + F32 * e + 8 * k + F32 * k + (F32 if cfg.norm_topk_prob else 0)
-    if cfg.aux_loss_alpha > 0:
-        saved += F32  # the per-token score sum of the sequence-wise balance loss
-    saved += k * (4 + F32)  # per copy: its row in the permutation (int32) and its routing weight
-    saved += k * _expert_copy_bytes(cfg.hidden_size, cfg.moe_intermediate_size, a, opt)
-    fs = cfg.moe_intermediate_size * cfg.n_shared_experts  # the shared experts: input counted with the norm
-    fp8 = 1 + F32 / 128
-    saved += (2 * fp8 * fs if opt.fp8_storage else 2 * a * fs) + (0 if opt.recompute else 2 * a * fs)
-    return saved
-
-
-def _expert_copy_bytes(d: int, fm: int, a: int, opt: ActivationOptions) -> float:
-    """Saved bytes of one routed token copy: its permuted input, gate and up outputs (the SwiGLU inputs; FP8 with
-    ``fp8_storage``), silu and product (not with recompute), the expert output (not with ``recompute_moe_down``)."""
-    stored = 1 + F32 / 128 if opt.fp8_storage else a  # E4M3 value + one fp32 scale per 128
-    out = stored * d + 2 * stored * fm
-    out += 0 if opt.recompute else 2 * a * fm
-    return out + (0 if opt.recompute_moe_down else a * d)
-
-
 def layer_activation_constant_bytes(cfg: ModelConfig, layer: int, *, act_bytes: int = 2) -> float:
-    """Bytes per micro-batch a layer saves independently of its token count: the fp32 copy of the router weight
-    under bf16 parameters, the expert offsets."""
+    """Bytes per micro-batch a layer saves independently of its token count (``k2.parallel.activation_model`` counts
+    per token): the fp32 copy of the router weight under bf16 parameters, the expert offsets."""
     if not cfg.is_moe_layer(layer):
         return 0.0
     e = cfg.n_routed_experts
@@ -287,24 +236,32 @@ def activation_bytes(
     act_bytes: int = 2,
     param_bytes: int | None = None,
     options: ActivationOptions = ActivationOptions(),
-) -> float:
+    expert_imbalance: float = 1.0,
+) -> LayerBytes:
     """Bytes saved for the backward by one micro-batch of ``tokens`` tokens through a stage of ``layers`` (default:
-    the whole model), with the embedding (``first``) and the final norm + chunked LM loss (``last``; its forward
-    computes the gradients of the hidden states and of the LM head weight and keeps them)."""
+    the whole model), kept on the device and offloaded: the blocks as ``k2.parallel.activation_model`` counts them
+    under ``options`` (their routed token copies times ``expert_imbalance``: the busiest expert rank), their
+    per-micro-batch constants, and, on the device, the token ids (``first``) and the final norm + chunked LM loss
+    (``last``; its forward computes the gradients of the hidden states and of the LM head weight and keeps them)."""
     layers = range(cfg.num_hidden_layers) if layers is None else layers
     param_bytes = act_bytes if param_bytes is None else param_bytes
-    total = 0.0
+    device = offloaded = 0.0
     for i in layers:
-        total += tokens * layer_activation_bytes_per_token(cfg, i, act_bytes=act_bytes, options=options)
-        total += layer_activation_constant_bytes(cfg, i, act_bytes=act_bytes)
-    total += tokens * act_bytes * cfg.qk_rope_head_dim  # RoPE cos and sin, shared by the stage's layers
+        b = layer_saved_bytes(
+            cfg, i, act_bytes=act_bytes, routed_copies=cfg.num_experts_per_tok * expert_imbalance, **options.modules()
+        )
+        const = layer_activation_constant_bytes(cfg, i, act_bytes=act_bytes)
+        device += tokens * b.device + (0.0 if options.offload else const)
+        offloaded += tokens * b.offloaded + (const if options.offload else 0.0)
+    if not options.offload:  # RoPE's cos and sin: one storage for all the stage's layers (offload copies it per layer)
+        device -= max(len(layers) - 1, 0) * tokens * act_bytes * cfg.qk_rope_head_dim
     if first:
-        total += tokens * 8  # token ids
+        device += tokens * 8  # token ids
     if last:
         d = cfg.hidden_size
-        total += tokens * (_rms_norm(d, act_bytes, ActivationOptions()) + act_bytes * d)  # final norm, dL/dh
-        total += cfg.vocab_size * d * param_bytes  # dL/dW of the LM head, computed in the forward
-    return total
+        device += tokens * (F32 * d + F32 + 2 * act_bytes * d)  # final norm (fp32 input, rsqrt, normed), dL/dh
+        device += cfg.vocab_size * d * param_bytes  # dL/dW of the LM head, computed in the forward
+    return LayerBytes(device=device, offloaded=offloaded)
 
 
 # ---- schedules ---------------------------------------------------------------------------------------------------
@@ -450,31 +407,26 @@ def make_plan(cfg: ModelConfig, p: PlanInputs) -> dict[str, Any]:
             dn, ex = stage_parameters(cfg, stages[s], first, last)
             dense, experts = dense + dn, experts + ex
             adam_like += cfg.vocab_size * cfg.hidden_size * (first + last) + _vector_parameters(cfg, stages[s])
-            act = activation_bytes(
-                cfg,
-                tokens=tokens,
-                layers=stages[s],
-                first=first,
-                last=last,
-                act_bytes=p.act_bytes,
-                param_bytes=p.param_bytes,
-                options=opt,
+            acts.append(
+                activation_bytes(
+                    cfg,
+                    tokens=tokens,
+                    layers=stages[s],
+                    first=first,
+                    last=last,
+                    act_bytes=p.act_bytes,
+                    param_bytes=p.param_bytes,
+                    options=opt,
+                    expert_imbalance=p.expert_imbalance,
+                )
             )
-            moe_layers = sum(1 for i in stages[s] if cfg.is_moe_layer(i))
-            copies = moe_layers * tokens * cfg.num_experts_per_tok
-            act += (
-                copies
-                * _expert_copy_bytes(cfg.hidden_size, cfg.moe_intermediate_size, p.act_bytes, opt)
-                * (p.expert_imbalance - 1.0)
-            )
-            acts.append(act)
             in_out.append(tokens * cfg.hidden_size * p.act_bytes * ((not first) + (not last)))  # kept input/output
         experts_local = experts / p.ep
         live = in_flight(p.schedule, p.pp, v, m, rank, p.extra_warmup)
-        if opt.offload:  # in host memory but for the chunk computing and the one prefetched
-            act_bytes = sum(n * io for n, io in zip(live, in_out, strict=True)) + 2 * max(acts)
-        else:
-            act_bytes = sum(n * (a + io) for n, a, io in zip(live, acts, in_out, strict=True))
+        # every micro-batch in flight keeps its device bytes and the stage's input/output; of the offloaded bytes
+        # only the chunk computing and the one prefetched are on the GPU
+        act_bytes = sum(n * (a.device + io) for n, a, io in zip(live, acts, in_out, strict=True))
+        act_bytes += 2 * max(a.offloaded for a in acts)
         params = (dense + experts_local) * p.param_bytes
         grads = (dense + experts_local) * p.grad_bytes
         optimizer = opt_bytes(dense - adam_like, adam_like, int(experts_local)) * (1.0 - p.optimizer_offload)
