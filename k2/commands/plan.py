@@ -32,8 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--optimizer-offload", type=float, default=0.0, help="share of the optimizer state in host memory (0..1)"
     )
-    p.add_argument("--recompute", action="store_true", help="selective recompute (norms, SwiGLU, MLA up-proj)")
-    p.add_argument("--recompute-moe-down", action="store_true", help="also recompute the MoE down-projections")
+    p.add_argument(
+        "--recompute", action="store_true", help="selective recompute as K2 (norms, SwiGLU, MLA up-proj, MoE down-proj)"
+    )
+    p.add_argument(
+        "--recompute-moe-down",
+        action="store_true",
+        help="recompute only the MoE down-projections (implied by --recompute)",
+    )
     p.add_argument("--fp8-storage", action="store_true", help="FP8 storage of the MoE up-proj and SwiGLU inputs")
     p.add_argument("--offload", action="store_true", help="CPU offload of the remaining activations")
     p.add_argument("--expert-imbalance", type=float, default=1.0, help="busiest expert rank's tokens / mean")
