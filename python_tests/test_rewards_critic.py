@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import queue
 import re
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
+from _serve import serve_process
 
 from k2.rl.rewards import CORE_RUBRICS, PRESCRIPTIVE_RUBRICS, RubricCritic, engine_chat, openai_chat
 from k2.rl.rewards.critic import bradley_terry, parse_verdict, win_rates
@@ -159,26 +155,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    cmd = [sys.executable, "-m", "k2.cli", "serve", str(checkpoint), "--port", "0", "--model-name", "tiny"]
-    cmd += ["--max-seq-len", "1024", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    url, seen = None, []
-    while url is None:
-        try:
-            line = lines.get(timeout=120)
-        except queue.Empty:
-            break
-        seen.append(line)
-        if line.startswith("k2 serve: model"):
-            url = line.split(" at ")[1].split()[0]
-    if url is None:
-        proc.kill()
-        pytest.fail("k2 serve did not start:\n" + "".join(seen))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_process(checkpoint, "tiny", 1024) as url:
+        yield url
 
 
 SHORT_RUBRICS = ("Prefer the correct answer.",)  # the tiny model's context is 1024 byte tokens

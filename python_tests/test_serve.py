@@ -7,17 +7,13 @@ requests get OpenAI-shaped 4xx errors and the server keeps serving."""
 from __future__ import annotations
 
 import json
-import os
-import queue
-import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from _serve import serve_process
 
 from k2.data import chat
 from k2.data.tokenizer import ByteTokenizer
@@ -59,26 +55,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    cmd = [sys.executable, "-m", "k2.cli", "serve", str(checkpoint), "--port", "0", "--model-name", MODEL]
-    cmd += ["--max-seq-len", str(MAX_SEQ_LEN), "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    url, seen = None, []
-    while url is None:
-        try:
-            line = lines.get(timeout=120)
-        except queue.Empty:
-            break
-        seen.append(line)
-        if line.startswith("k2 serve: model"):
-            url = line.split(" at ")[1].split()[0]
-    if url is None:
-        proc.kill()
-        pytest.fail("k2 serve did not start:\n" + "".join(seen))
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_process(checkpoint, MODEL, MAX_SEQ_LEN) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
