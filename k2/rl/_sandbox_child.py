@@ -107,8 +107,11 @@ def _build_root(job: dict) -> None:
     """Build the new root under /tmp (a fresh tmpfs in this mount namespace) and pivot into it."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     if not os.path.isdir(NEW_ROOT):  # not staged by root: make a place for it
+        handles = _open_binds(job)  # before the tmpfs covers /tmp: a virtual environment may live there
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
         os.makedirs(NEW_ROOT)
+        job["bind_sources"] = {path: f"/proc/self/fd/{fd}" for path, fd in handles.items()}
+        job["bind_fds"] = list(handles.values())
     root = NEW_ROOT
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
     for name in ROOT_DIRS:
@@ -120,9 +123,6 @@ def _build_root(job: dict) -> None:
     for name in ETC_FILES:
         if os.path.exists("/etc/" + name):
             _bind_ro("/etc/" + name, f"{root}/etc/{name}")
-    for path, source in job["bind_sources"].items():  # the Python installation (it may live under /root)
-        if not os.path.exists(root + path):
-            _bind_ro(source, root + path)
     os.makedirs(root + "/dev")
     for name in DEVICES:
         _bind_ro("/dev/" + name, f"{root}/dev/{name}")
@@ -131,6 +131,13 @@ def _build_root(job: dict) -> None:
     for path in ("/tmp", "/sandbox", "/dev/shm"):
         os.makedirs(root + path, exist_ok=True)
         _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=777")
+    # The Python installation (it may live under /root, or in a virtual environment under /tmp: bound after the
+    # private /tmp so it stays visible, read-only).
+    for path, source in job["bind_sources"].items():
+        if not os.path.exists(root + path):
+            _bind_ro(source, root + path)
+    for fd in job.pop("bind_fds", ()):
+        os.close(fd)
     os.makedirs(root + "/proc")
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     with open(root + "/sandbox/main.py", "w") as f:
@@ -236,13 +243,21 @@ def _stage_as_root(job: dict) -> None:
     the throw-away uid can traverse (``/root/.pyenv`` is a common home for it, and ``/root`` is closed to others)."""
     _unshare(CLONE_NEWNS)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    handles = _open_binds(job)  # before the tmpfs covers /tmp: a virtual environment may live there
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     os.makedirs(NEW_ROOT)
-    for i, path in enumerate(job["binds"]):
+    for i, (path, fd) in enumerate(handles.items()):
         staged = f"/tmp/stage/{i}"
         os.makedirs(staged)
-        _mount(path, staged, None, MS_BIND | MS_REC)
+        _mount(f"/proc/self/fd/{fd}", staged, None, MS_BIND | MS_REC)
+        os.close(fd)
         job["bind_sources"][path] = staged
+
+
+def _open_binds(job: dict) -> dict[str, int]:
+    """An ``O_PATH`` descriptor of every directory to bind, so it can still be bound (through ``/proc/self/fd``)
+    once a tmpfs covers the path it was reached by."""
+    return {path: os.open(source, os.O_PATH | os.O_CLOEXEC) for path, source in job["bind_sources"].items()}
 
 
 def _isolated(job: dict, status_fd: int) -> int:
