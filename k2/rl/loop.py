@@ -42,7 +42,6 @@ from k2.data import chat, toolgen
 from k2.errors import ConfigError
 from k2.infer.engine import Engine
 from k2.infer.loading import load_checkpoint
-from k2.model import save_hf
 from k2.rl import rollout as R
 from k2.rl.config import CONFIG_FILE, RLConfig
 from k2.rl.env import RewardFn
@@ -50,11 +49,10 @@ from k2.rl.loss import k15_loss, length_penalty, sequence_logprobs, token_logpro
 from k2.rl.tasks import builtin_env
 from k2.rl.weight_sync import ColocatedSync
 from k2.train import checkpoint as ckpt
-from k2.train.loop import autocast_dtype, build_optimizer, default_run_dir, resolve_device
+from k2.train.loop import HF_DIR, autocast_dtype, build_optimizer, default_run_dir, export_hf, resolve_device
 from k2.train.metrics import METRICS_FILE, MetricsLogger, Progress
 
 SUMMARY_FILE = "summary.json"
-HF_DIR = "hf"
 
 
 # ---- the starting checkpoint ----------------------------------------------------------------------------------
@@ -476,10 +474,6 @@ def _finish(config: RLConfig, run_dir: Path, model, tokenizer) -> dict[str, Any]
         "summary": str(run_dir / SUMMARY_FILE),
     }
     if config.checkpoint.export_hf:
-        hf_dir = run_dir / HF_DIR
-        dtype = torch.bfloat16 if config.checkpoint.hf_dtype == "bfloat16" else torch.float32
-        save_hf(model, hf_dir, dtype=dtype)
-        tokenizer.save(hf_dir)
-        files["hf"] = str(hf_dir)
+        files["hf"] = str(export_hf(config.checkpoint, run_dir, model, tokenizer))
     files["plots"] = [str(p) for p in plot_rl(run_dir)]
     return files

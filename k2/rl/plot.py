@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from k2.train.metrics import read_metrics
+from k2.train.plot import save_figure
 
 
 def plot_rl(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -26,13 +27,7 @@ def plot_rl(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | N
     written = []
 
     def save(fig, name: str) -> None:
-        path = out / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_figure(fig, out / name))
 
     def series(key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None and not math.isnan(r[key])]

@@ -675,10 +675,14 @@ def _finish(config: RunConfig, run_dir: Path, model: nn.Module, tokenizer: Token
         "summary": str(run_dir / SUMMARY_FILE),
     }
     if config.checkpoint.export_hf:
-        hf_dir = run_dir / HF_DIR
-        dtype = torch.bfloat16 if config.checkpoint.hf_dtype == "bfloat16" else torch.float32
-        save_hf(model, hf_dir, dtype=dtype)
-        tokenizer.save(hf_dir)
-        files["hf"] = str(hf_dir)
+        files["hf"] = str(export_hf(config.checkpoint, run_dir, model, tokenizer))
     files["plots"] = [str(p) for p in plot_run(run_dir, run_dir / PLOTS_DIR)]
     return files
+
+
+def export_hf(section: Any, run_dir: Path, model: nn.Module, tokenizer: Tokenizer) -> Path:
+    """The run's Hugging Face export, ``RUN_DIR/hf`` (safetensors in ``section.hf_dtype`` + config + tokenizer)."""
+    hf_dir = run_dir / HF_DIR
+    save_hf(model, hf_dir, dtype=torch.bfloat16 if section.hf_dtype == "bfloat16" else torch.float32)
+    tokenizer.save(hf_dir)
+    return hf_dir

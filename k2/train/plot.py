@@ -63,13 +63,7 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
     written: list[Path] = []
 
     def save(fig, name: str) -> None:
-        path = out / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_figure(fig, out / name))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps, loss = _series(train, "loss")
@@ -125,6 +119,18 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
     ax.grid(alpha=0.3)
     save(fig, "lr.png")
     return written
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _read_json(path: Path) -> dict[str, Any]:
