@@ -4,18 +4,13 @@ uninterrupted run's per-step losses exactly, and every bad input is a one-line e
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from _k2_cli import k2, kill_at_step, losses, snapshot
 from test_train_checkpoint import MICRO_MODEL
-
-from k2.train.metrics import read_metrics
 
 MICRO = [
     *MICRO_MODEL,
@@ -31,21 +26,6 @@ MICRO = [
     "checkpoint.export_hf=false",
 ]
 SETS = [arg for item in MICRO for arg in ("--set", item)]
-ENV = {**os.environ, "K2_DEBUG": ""}
-
-
-def k2(*args: str | Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "k2.cli", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, **kw
-    )
-
-
-def losses(run: Path, kind: str = "train", key: str = "loss") -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in read_metrics(run) if r["kind"] == kind]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +40,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_then_resume_reproduces_the_losses(finished_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "killed"
     kill_at = random.Random().randint(5, 10)  # after the first checkpoint, well before the end
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "k2.cli", "pretrain", "--run-dir", str(run), *SETS],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(s >= kill_at for s, _ in losses(run)):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode != -signal.SIGKILL:
-        pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed at step {kill_at}")
+    kill_at_step(["pretrain", "--run-dir", run, *SETS], run, kill_at)
     killed_at = max(s for s, _ in losses(run))
     assert killed_at < 16 and not (run / "summary.json").exists()
 

@@ -9,15 +9,13 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _k2_cli import k2, kill_at_step, losses, snapshot
 from test_train_checkpoint import MICRO_MODEL
 
 from k2.commands.chat import load_tools, reply
@@ -45,7 +43,6 @@ MICRO_SFT = [
     "checkpoint.hf_dtype=float32",
 ]
 SETS = [arg for item in MICRO_SFT for arg in ("--set", item)]
-ENV = {**os.environ, "K2_DEBUG": ""}
 
 
 def _micro_model() -> Transformer:
@@ -60,20 +57,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_hf(_micro_model(), path, dtype=torch.float32)
     ByteTokenizer().save(path)
     return path
-
-
-def k2(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "k2.cli", *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300
-    )
-
-
-def losses(run: Path, kind: str = "train", key: str = "loss") -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in read_metrics(run) if r["kind"] == kind]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +117,7 @@ def test_packing_with_document_masks_gives_the_per_conversation_losses_of_one_pe
 def test_sigkill_then_resume_reproduces_the_losses(finished_run: Path, base: Path, tmp_path: Path) -> None:
     run = tmp_path / "killed"
     kill_at = random.Random().randint(4, 8)  # after the first checkpoint (step 3), before the end
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "k2.cli", "sft", "--from", str(base), "--run-dir", str(run), *SETS],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(s >= kill_at for s, _ in losses(run)):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if proc.returncode != -signal.SIGKILL:
-        pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed at step {kill_at}")
+    kill_at_step(["sft", "--from", base, "--run-dir", run, *SETS], run, kill_at)
     assert not (run / "summary.json").exists()
 
     r = k2("sft", "--resume", run)
