@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,9 +64,26 @@ def print_config(config: Any) -> int:
     return 0
 
 
-def interrupted(command: str, run_dir: Path | None) -> int:
-    print(f"k2 {command}: interrupted; continue with: k2 {command} --resume {run_dir or 'RUN_DIR'}", file=sys.stderr)
-    return 130
+def train_and_report(
+    command: str,
+    train: Callable[..., dict[str, Any]],
+    config: Any,
+    run_dir: Path | None,
+    resume: bool,
+    report: Callable[[dict[str, Any]], None],
+) -> int:
+    """Run ``train(config, run_dir, resume=resume)`` and ``report`` its summary (rank 0 alone under torchrun); an
+    interrupt says how to continue. Returns the exit code."""
+    try:
+        summary = train(config, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        print(
+            f"k2 {command}: interrupted; continue with: k2 {command} --resume {run_dir or 'RUN_DIR'}", file=sys.stderr
+        )
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        report(summary)
+    return 0
 
 
 def toml_string(value: str) -> str:

@@ -7,10 +7,9 @@ few minutes, into ``runs/<timestamp>``.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run
+from k2.commands._run_args import add_run_arguments, print_config, resolve_run, train_and_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,13 +37,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.print_config:
         return print_config(config)
-    try:
-        summary = pretrain(config, run_dir, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        return interrupted("pretrain", run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
-        _report(summary)
-    return 0
+    return train_and_report("pretrain", pretrain, config, run_dir, bool(args.resume), _report)
 
 
 def _report(s: dict) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run, toml_string
+from k2.commands._run_args import add_run_arguments, print_config, resolve_run, toml_string, train_and_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.print_config:
         return print_config(config)
-    try:
-        s = train(config, run_dir, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        return interrupted("rl", run_dir)
+    return train_and_report("rl", train, config, run_dir, bool(args.resume), _report)
+
+
+def _report(s: dict) -> None:
     print(
         f"\nRL: {s['iterations']} iterations in {s['wall_s']:.0f} s from {s['from']}\n"
         f"reward: first fifth {s['reward_first_fifth']:.3f} -> last fifth {s['reward_last_fifth']:.3f}\n"
@@ -58,4 +58,3 @@ def run(args: argparse.Namespace) -> int:
         if key in s["files"]:
             print(f"  {key:<12} {s['files'][key]}")
     print(f"  plots        {', '.join(Path(p).name for p in s['files']['plots'])}")
-    return 0

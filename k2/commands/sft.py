@@ -9,10 +9,9 @@ report shows the held-out tool-call validity before and after.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from k2.commands._run_args import add_run_arguments, interrupted, print_config, resolve_run, toml_string
+from k2.commands._run_args import add_run_arguments, print_config, resolve_run, toml_string, train_and_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,13 +64,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.print_config:
         return print_config(config)
-    try:
-        summary = sft(config, run_dir, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        return interrupted("sft", run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
-        _report(summary)
-    return 0
+    return train_and_report("sft", sft, config, run_dir, bool(args.resume), _report)
 
 
 def _pct(x: float | None) -> str:
