@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _k2_cli import losses
 from test_parallel_dp import RUN, sets, torchrun
-from test_pretrain_cli import losses
 
 pytestmark = pytest.mark.multiproc
 

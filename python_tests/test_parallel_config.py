@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _k2_cli import k2
 from test_distributed_muon import free_port
 from test_parallel_dp import RUN, sets, torchrun
-from test_pretrain_cli import _one_line_error, k2
+from test_pretrain_cli import _one_line_error
 
 from k2.errors import ConfigError
 from k2.parallel import ParallelState, init_parallel

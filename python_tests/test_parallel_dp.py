@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _k2_cli import ENV, k2, losses
 from safetensors.torch import load_file
-from test_pretrain_cli import ENV, MICRO, k2, losses
+from test_pretrain_cli import MICRO
 
 pytestmark = pytest.mark.multiproc
 

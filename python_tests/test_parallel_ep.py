@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _k2_cli import k2, losses
 from safetensors.torch import load_file
 from test_parallel_dp import RUN, sets, torchrun, weights
-from test_pretrain_cli import k2, losses
 
 from k2.model import Transformer, load_hf, save_hf
 from k2.train import checkpoint as ckpt

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pretrain_cli import ENV, MICRO, k2, losses
+from _k2_cli import ENV, k2, losses
+from test_pretrain_cli import MICRO
 
 from k2.train.checkpoint import list_checkpoints
 

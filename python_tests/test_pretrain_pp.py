@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _k2_cli import k2, losses
 from test_parallel_dp import sets, torchrun, weights
-from test_pretrain_cli import k2, losses
 
 from k2.errors import ConfigError
 from k2.train.config import SFTConfig, build_config
