@@ -50,16 +50,19 @@ def _completion(tok) -> tuple[list[int], list[dict]]:
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """``set_script(ids)``: every request then generates ``ids`` in order (then repeats the last one)."""
+    """``set_script(ids)``: every request then generates ``ids`` in order (then repeats the last one). A row under a
+    grammar must be allowed its scripted token by the grammar's mask."""
     script: list[int] = []
     progress: dict[int, tuple[torch.Generator, int]] = {}  # per request (its generator): tokens drawn so far
 
-    def sample(logits, temperature, top_p, top_k, generators, num_top_logprobs=0):
+    def sample(logits, temperature, top_p, top_k, generators, num_top_logprobs=0, mask_rows=(), mask=None):
         tokens = []
         for g in generators:
             n = progress.get(id(g), (g, 0))[1]
             progress[id(g)] = (g, n + 1)
             tokens.append(script[min(n, len(script) - 1)])
+        for i, row in enumerate(mask_rows):
+            assert mask[i, tokens[row]], f"the grammar forbids scripted token {tokens[row]}"
         return SampleOutput(torch.tensor(tokens), torch.zeros(len(tokens)), None, None)
 
     monkeypatch.setattr("k2.infer.engine.sample", sample)
@@ -119,7 +122,9 @@ def _serve(app):
 
 def test_server_returns_tool_calls_whose_arguments_spell_special_tokens(scripted):
     """Non-streaming and streaming: the content keeps its literal stop-token strings and both calls come back
-    with their arguments exactly (the old server cut the completion at the first ``<|im_end|>`` text)."""
+    with their arguments exactly (the old server cut the completion at the first ``<|im_end|>`` text). The turn is
+    one the tool-call grammar of ``tool_choice="auto"`` allows, and it ends with the grammar, at
+    ``<|tool_calls_section_end|>``."""
     import openai
 
     tok = ByteTokenizer()
@@ -134,7 +139,7 @@ def test_server_returns_tool_calls_whose_arguments_spell_special_tokens(scripted
             choice = r.choices[0]
             assert choice.finish_reason == "tool_calls" and choice.message.content == CONTENT
             assert [c.model_dump() for c in choice.message.tool_calls] == want
-            assert r.usage.completion_tokens == len(completion)  # up to and including the <|im_end|> id
+            assert r.usage.completion_tokens == len(completion) - 1  # up to the section's end, where the grammar ends
 
             chunks = list(client.chat.completions.create(**kwargs, stream=True))
             deltas = [c.choices[0].delta for c in chunks if c.choices]

@@ -15,7 +15,12 @@ the running set is kept in slots ``0..n-1`` (see ``k2.infer.cache``).
 A request ends on a stop token (kept as its last token id, left out of the text), a stop string (text cut before
 it, token ids up to the one that completed it), ``max_new_tokens`` or a full cache slot (``finish_reason``
 ``"stop"`` or ``"length"``). Every generated token comes with its log-prob under the model (fp32, before
-temperature and filters; see ``k2.infer.sampling``).
+a grammar's mask, temperature and filters; see ``k2.infer.sampling``).
+
+A request may carry a grammar (``SamplingParams.grammar``, see ``k2.infer.grammar``): its matcher is compiled at
+``add_request`` (cached per grammar text), masks the disallowed tokens of that row before sampling, advances on each
+token, and ends the request (``"stop"``) once the grammar is complete; the last token is then the grammar's last,
+or one of the chat stop tokens where the grammar ends with an optional part. Rows without a grammar pay nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from k2.data.tokenizer import Tokenizer
 from k2.infer.cache import LatentCache
 from k2.infer.detok import IncrementalDetokenizer
+from k2.infer.grammar import Grammar, GrammarCompiler, Matcher
 from k2.infer.sampling import sample
 from k2.model import Transformer
 
@@ -47,6 +53,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    grammar: Grammar | None = None  # constrain the output to this grammar (needs an Engine with a tokenizer)
 
     def __post_init__(self) -> None:
         checks = (
@@ -96,6 +103,7 @@ class _Sequence:
     params: SamplingParams
     generator: torch.Generator
     detok: IncrementalDetokenizer | None
+    matcher: Matcher | None
     token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -126,6 +134,7 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # _running[i] occupies cache slot i
         self._ids = itertools.count()
+        self._grammars: GrammarCompiler | None = None  # built on the first request with a grammar
 
     # ---- requests ----------------------------------------------------------------------------------------------
 
@@ -133,7 +142,8 @@ class Engine:
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queue a request; returns its id. Raises ``ValueError`` if the prompt is empty, has ids outside the
-        vocabulary, or leaves no room for one new token in ``max_seq_len``."""
+        vocabulary, or leaves no room for one new token in ``max_seq_len``, or if its grammar does not compile
+        (``k2.infer.grammar.GrammarError``)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         vocab = self.model.config.vocab_size
@@ -145,13 +155,18 @@ class Engine:
             raise ValueError(
                 f"Engine.add_request: prompt of {len(prompt)} tokens leaves no room in max_seq_len {self.max_seq_len}"
             )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("Engine.add_request: stop strings need an Engine with a tokenizer")
+        if (params.stop or params.grammar) and self.tokenizer is None:
+            raise ValueError("Engine.add_request: stop strings and grammars need an Engine with a tokenizer")
+        matcher = None
+        if params.grammar is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer)
+            matcher = self._grammars.matcher(params.grammar)
         seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self._waiting.append(_Sequence(request_id, prompt, params, generator, detok))
+        self._waiting.append(_Sequence(request_id, prompt, params, generator, detok, matcher))
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -232,6 +247,11 @@ class Engine:
     def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:
         p = [s.params for s in seqs]
         num_top = max(x.top_logprobs for x in p)
+        constrained = [row for row, s in enumerate(seqs) if s.matcher is not None]
+        mask = None
+        if constrained:
+            matchers = [seqs[row].matcher for row in constrained]
+            mask = self._grammars.allowed(matchers, logits.shape[1], logits.device)  # [R, V]
         out = sample(
             logits,
             [x.temperature for x in p],
@@ -239,6 +259,8 @@ class Engine:
             [x.top_k for x in p],
             [s.generator for s in seqs],
             num_top,
+            constrained,
+            mask,
         )
         tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
@@ -248,11 +270,15 @@ class Engine:
             token = tokens[row]
             seq.token_ids.append(token)
             finish, text = None, ""
-            if token in seq.params.stop_token_ids:
+            if seq.matcher is not None:
+                seq.matcher.advance(token)
+            if token in seq.params.stop_token_ids or (seq.matcher is not None and token in seq.matcher.stop_ids):
                 finish = "stop"
             elif seq.detok is not None:
                 text = seq.detok.push(token)
                 finish = "stop" if seq.detok.stopped else None
+            if finish is None and seq.matcher is not None and seq.matcher.done:
+                finish = "stop"
             if finish is None and (len(seq.token_ids) >= seq.params.max_new_tokens or seq.length >= self.max_seq_len):
                 finish = "length"
             if finish is not None and seq.detok is not None:

@@ -1,28 +1,36 @@
-"""The OpenAI chat-completions protocol over the Kimi-K2 chat format: request schema, prompt building, and the
-response / streaming-chunk builders, independent of the HTTP server and of the engine.
+"""The OpenAI chat-completions protocol over the Kimi-K2 chat format: request schema, prompt building, output
+constraints, and the response / streaming-chunk builders, independent of the HTTP server and of the engine.
 
-Prompt: ``k2.data.chat.render(messages, tools=..., add_generation_prompt=True)``. ``tool_choice``:
-- ``"auto"`` (the default with tools): tools are declared, the completion is parsed for tool calls;
-- ``"none"``: tools are not declared and nothing is parsed;
-- ``"required"``: the prompt is extended with ``<|tool_calls_section_begin|><|tool_call_begin|>functions.``;
-- ``{"type": "function", "function": {"name": N}}``: the prompt is extended up to N's argument JSON
-  (``...functions.N:IDX<|tool_call_argument_begin|>``, IDX counting the dialog's earlier calls).
-The forced text is prepended to the completion before parsing (a prefix constraint, not a grammar: the arguments
-are still free text, and a call that does not parse is reported as content).
+Prompt: ``k2.data.chat.render(messages, tools=..., add_generation_prompt=True)``. Output constraints are grammars
+(``k2.infer.grammar``, enforced by the engine token by token; see :func:`request_grammar`):
+- ``response_format`` ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``: the content is one
+  JSON value valid under ``schema`` (always enforced; ``strict`` is accepted and changes nothing);
+  ``{"type": "json_object"}``: any JSON object; ``{"type": "text"}`` or none: free text.
+- ``tool_choice`` (with ``tools``): ``"none"``: tools are not declared, nothing is parsed; ``"auto"`` (the default):
+  content (free text without the section / call markers as strings, or the ``response_format`` JSON), a tool-call
+  section, or content then a section; ``"required"``: only a section of one or more calls; ``{"type": "function",
+  "function": {"name": N}}``: only a section with one call to N. Every call names a declared tool, its id is
+  ``functions.NAME:IDX`` with IDX counting the dialog's calls, and its arguments are a JSON object valid under the
+  tool's ``parameters`` schema. ``parallel_tool_calls: false``: at most one call.
+  ``"auto"`` is constrained as well (not only on request): a served model then never writes a call that fails to
+  parse or to validate, which is what a synthesis or RL loop reading its calls needs; the price is the grammar's
+  per-token mask (see ``tools/bench_infer.py --schema``).
 
 Tools are validated with the request (one layer; a bad one is a 400 with ``param: "tools"``): each has one of the
 shapes the chat format declares (OpenAI ``{"type": "function", "function": {...}}``, a bare function, an MCP tool
 with ``inputSchema``), a name matching OpenAI's ``^[a-zA-Z0-9_-]{1,64}$`` (which the ``functions.NAME:IDX`` call
-ids carry and parse back), and a ``parameters`` / ``inputSchema`` that is an object schema (see ``tool_error``).
+ids carry and parse back), and a ``parameters`` / ``inputSchema`` that is an object schema the grammar compiler
+can enforce (see ``tool_error``). A bad ``response_format`` schema is a 400 with ``param: "response_format"``.
 
-The engine stops on the ids of ``<|im_end|>`` and ``[EOS]`` (``chat.stop_token_ids``), never on their text: the
-completion text keeps special tokens as strings and ends before the stop token, so a special token's string in it
-came from ordinary tokens and is kept. ``parse_completion(text, stop=())`` splits it into content and ``tool_calls``
-(finish reason ``"tool_calls"``); call arguments are read with a JSON decoder, so a JSON string argument may hold
-any special-token string. If no call parses but the parser reports errors, the whole text is returned as content,
-so nothing the model wrote is dropped.
+The engine stops on the ids of ``<|im_end|>`` and ``[EOS]`` (``chat.stop_token_ids``), never on their text, or when
+the grammar is complete: the completion text keeps special tokens as strings and ends before the stop token, so a
+special token's string in it came from ordinary tokens and is kept. ``parse_completion(text, stop=())`` splits it
+into content and ``tool_calls`` (finish reason ``"tool_calls"``); call arguments are read with a JSON decoder, so a
+JSON string argument may hold any special-token string. If no call parses but the parser reports errors (a
+completion cut by ``max_tokens``), the whole text is returned as content, so nothing the model wrote is dropped.
 
-Log-probs are the model's (before temperature and filters; see ``k2.infer.sampling``).
+Log-probs are the model's (before the grammar mask, temperature and filters; see ``k2.infer.sampling``): a token the
+grammar forces may have a low log-prob.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from k2.data import chat
 from k2.data.tokenizer import Tokenizer
 from k2.errors import DataError
+from k2.infer import grammar
 from k2.infer.engine import SamplingParams, TokenEvent
 
 log = logging.getLogger("k2.serve")
@@ -60,6 +69,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | StrictBool = Field(True, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError('type "json_schema" needs a "json_schema" object')
+            try:
+                grammar.check_schema(self.json_schema.schema_, "json_schema.schema")
+            except grammar.GrammarError as e:
+                raise PydanticCustomError("invalid_schema", "{error}", {"error": str(e)}) from None
+        return self
+
+    def content_schema(self) -> dict[str, Any] | bool | None:
+        """The JSON Schema the content must match (None: free text)."""
+        if self.type == "json_schema":
+            return self.json_schema.schema_
+        return {"type": "object"} if self.type == "json_object" else None
+
+
 class ChatCompletionRequest(BaseModel):
     """The fields k2 implements; other OpenAI fields are accepted and ignored. ``top_k`` is an extension."""
 
@@ -69,6 +107,8 @@ class ChatCompletionRequest(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[Any] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
     n: int = Field(1, ge=1, le=16)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -123,7 +163,7 @@ TOOL_NAME_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 def _schema_error(schema: Any) -> str | None:
     """Why ``schema`` is not a JSON Schema for a function's arguments (None if it is acceptable): it must be an
     object; its ``type``, if given, ``"object"``; ``properties`` an object of schemas; ``required`` a list of
-    strings (a structural check: arguments are free text generated by the model, not validated against it)."""
+    strings (the shape the chat format needs; :func:`grammar.check_schema` then checks the rest)."""
     if not isinstance(schema, Mapping):
         return f"must be a JSON Schema object, got {type(schema).__name__}"
     if "type" in schema and schema["type"] != "object":
@@ -143,7 +183,7 @@ def tool_error(tool: Any, i: int) -> str | None:
     """Why ``tools[i]`` of a request is invalid, or None. Accepted shapes are those of the chat format (OpenAI
     ``{"type": "function", "function": {...}}``, a bare function, an MCP tool); the name must match OpenAI's
     ``^[a-zA-Z0-9_-]{1,64}$``, ``description`` be a string, and ``parameters`` / MCP ``inputSchema`` an object
-    schema."""
+    schema that the grammar compiler can enforce (calls are generated under it)."""
     try:
         fn = chat.tool_function(tool, i)
     except DataError as e:
@@ -155,38 +195,61 @@ def tool_error(tool: Any, i: int) -> str | None:
     if fn.get("description") is not None and not isinstance(fn["description"], str):
         return f"{where}.description must be a string"
     for key in ("parameters", "inputSchema"):
-        if fn.get(key) is not None and (error := _schema_error(fn[key])):
+        if fn.get(key) is None:
+            continue
+        if error := _schema_error(fn[key]):
             return f"{where}.{key} {error}"
+        try:
+            grammar.check_schema(fn[key], f"{where}.{key}")
+        except grammar.GrammarError as e:
+            return str(e)
     return None
 
 
 @dataclass
 class Prompt:
     ids: list[int]
-    forced_text: str  # text appended after the generation prompt, prepended to the completion before parsing
     parse_tools: bool
+
+
+def _uses_tools(req: ChatCompletionRequest) -> bool:
+    return bool(req.tools) and req.tool_choice != "none"
 
 
 def build_prompt(req: ChatCompletionRequest, tokenizer: Tokenizer) -> Prompt:
     """Render the request's conversation (raises ``k2.errors.DataError`` for malformed messages or tools)."""
-    use_tools = bool(req.tools) and req.tool_choice != "none"
+    use_tools = _uses_tools(req)
     ids, _ = chat.render(req.messages, tokenizer, tools=req.tools if use_tools else None, add_generation_prompt=True)
-    forced = ""
-    if use_tools and req.tool_choice == "required":
-        forced = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions."
-    elif use_tools and isinstance(req.tool_choice, NamedToolChoice):
-        idx = sum(len(m.get("tool_calls") or []) for m in req.messages if m.get("role") == "assistant")
-        name = req.tool_choice.function.name
-        forced = f"{chat.SECTION_BEGIN}{chat.CALL_BEGIN}functions.{name}:{idx}{chat.ARG_BEGIN}"
-    if forced:
-        ids = ids + tokenizer.encode(forced, allow_special=True)
-    return Prompt(ids, forced, use_tools)
+    return Prompt(ids, use_tools)
+
+
+def request_grammar(req: ChatCompletionRequest) -> grammar.Grammar | None:
+    """The grammar the completion must follow (None: unconstrained): the tool-call grammar when tools are in use,
+    else the ``response_format`` schema's. ``grammar.GrammarError`` if the combined grammar does not compile."""
+    content = req.response_format.content_schema() if req.response_format is not None else None
+    if not _uses_tools(req):
+        return None if content is None else grammar.json_schema(content)
+    choice = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+    tools = []
+    for i, tool in enumerate(req.tools):
+        fn = chat.tool_function(tool, i)
+        tools.append({"name": fn["name"], "parameters": fn.get("parameters", fn.get("inputSchema"))})
+    earlier = sum(len(m.get("tool_calls") or []) for m in req.messages if m.get("role") == "assistant")
+    return grammar.tool_calls(
+        tools,
+        choice=choice or "auto",
+        first_index=earlier,
+        parallel=req.parallel_tool_calls,
+        content_schema=content,
+    )
 
 
 def sampling_params(req: ChatCompletionRequest, tokenizer: Tokenizer, max_new_tokens: int) -> list[SamplingParams]:
-    """One ``SamplingParams`` per choice; choice ``i`` of a seeded request uses seed ``seed + i``."""
+    """One ``SamplingParams`` per choice (with :func:`request_grammar`); choice ``i`` of a seeded request uses seed
+    ``seed + i``. Raises ``grammar.GrammarError`` (a ``DataError``) if the output constraint does not compile."""
     stop_ids = chat.stop_token_ids(tokenizer)
     limit = req.max_completion_tokens or req.max_tokens or max_new_tokens
+    constraint = request_grammar(req)
     return [
         SamplingParams(
             max_new_tokens=min(limit, max_new_tokens),
@@ -197,6 +260,7 @@ def sampling_params(req: ChatCompletionRequest, tokenizer: Tokenizer, max_new_to
             stop=tuple(req.stop),
             stop_token_ids=stop_ids,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+            grammar=constraint,
         )
         for i in range(req.n)
     ]
@@ -221,7 +285,7 @@ def logprobs_content(tokenizer: Tokenizer, events: Sequence[TokenEvent]) -> list
 
 
 def split_completion(text: str, parse_tools: bool) -> tuple[str, list[dict[str, Any]]]:
-    """``(content, tool_calls)`` of a completion text (forced prefix included)."""
+    """``(content, tool_calls)`` of a completion text."""
     if not parse_tools:
         return text, []
     content, calls, errors = chat.parse_completion(text, stop=())  # the engine stopped on the token ids
@@ -235,7 +299,7 @@ def split_completion(text: str, parse_tools: bool) -> tuple[str, list[dict[str, 
 def build_choice(
     index: int, text: str, finish_reason: str, parse_tools: bool, logprobs: list[dict[str, Any]] | None
 ) -> dict[str, Any]:
-    """A non-streaming ``choices[index]`` from the completion text (forced prefix included)."""
+    """A non-streaming ``choices[index]`` from the completion text."""
     content, calls = split_completion(text, parse_tools)
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if calls:
@@ -253,9 +317,9 @@ class ChoiceStream:
     """Turns one choice's events into streaming deltas. Content is released up to the first tool-call marker
     (text that may be the start of a marker is held back); tool calls are sent whole when the choice ends."""
 
-    def __init__(self, index: int, forced_text: str, parse_tools: bool) -> None:
+    def __init__(self, index: int, parse_tools: bool) -> None:
         self.index = index
-        self.text = forced_text
+        self.text = ""
         self.parse_tools = parse_tools
         self._sent = 0  # characters of content already sent
 

@@ -4,10 +4,12 @@ Each row is sampled by inverse CDF with one uniform draw from that request's own
 seeded request gives the same tokens whether it runs alone or batched with others (up to floating-point ties in
 the logits). Temperature 0 is greedy (argmax, no draw). Order of the filters, as in Hugging Face and vLLM:
 temperature, then top-k, then top-p (the smallest set of most likely tokens whose mass reaches ``top_p``; the
-most likely token is always kept).
+most likely token is always kept). A grammar's token mask (``k2.infer.grammar``) acts before all of them: the
+disallowed tokens of a constrained row get logit -inf, so greedy, top-k and top-p only see allowed tokens.
 
-Log-probs are ``log_softmax`` of the unmodified logits (before temperature and filters), in fp32: the model's
-distribution, which is what an RL trainer recomputes; ``top_logprobs`` lists the most likely tokens of it.
+Log-probs are ``log_softmax`` of the unmodified logits (before the grammar mask, temperature and filters), in fp32:
+the model's distribution, which is what an RL trainer recomputes; ``top_logprobs`` lists the most likely tokens of
+it, which under a grammar may include disallowed ones.
 """
 
 from __future__ import annotations
@@ -33,9 +35,13 @@ def sample(
     top_k: Sequence[int],
     generators: Sequence[torch.Generator],
     num_top_logprobs: int = 0,
+    mask_rows: Sequence[int] = (),
+    mask: torch.Tensor | None = None,
 ) -> SampleOutput:
     """``logits [B, V]`` → one token per row. ``top_k[b] <= 0`` disables top-k; ``top_p[b] = 1`` disables top-p;
-    ``temperature[b] == 0`` is greedy. ``generators`` must be on ``logits``' device (CPU generators for CPU)."""
+    ``temperature[b] == 0`` is greedy. ``generators`` must be on ``logits``' device (CPU generators for CPU).
+    ``mask [len(mask_rows), V]`` (bool, True = allowed, at least one per row) restricts rows ``mask_rows``; the other
+    rows pay nothing for it."""
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be [B, V], got shape {tuple(logits.shape)}")
     b, v = logits.shape
@@ -43,6 +49,9 @@ def sample(
         raise ValueError(f"sample: every per-row setting needs B = {b} entries")
     logits = logits.float()
     logprobs_all = torch.log_softmax(logits, dim=-1)  # [B, V]
+    if mask is not None:
+        rows = torch.tensor(list(mask_rows), device=logits.device)
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~mask, float("-inf")))
     tokens = logits.argmax(dim=-1)  # [B], greedy
     sampled = [i for i in range(b) if temperature[i] > 0]
     if sampled:

@@ -1,16 +1,18 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn) over a pluggable generation engine.
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` (``tools``,
-``tool_choice``, ``n``, ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` / ``max_completion_tokens``,
-``stop``, ``seed``, ``logprobs`` / ``top_logprobs``, ``stream`` with ``stream_options.include_usage``), and
-``GET /health``. Protocol details (prompt rendering, tool choice, parsing) are in ``k2.infer.openai_protocol``.
+``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``n``, ``temperature``, ``top_p``, ``top_k``,
+``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``logprobs`` / ``top_logprobs``, ``stream`` with
+``stream_options.include_usage``), and ``GET /health``. Protocol details (prompt rendering, tool choice, output
+grammars, parsing) are in ``k2.infer.openai_protocol``.
 
 The engine is anything with ``tokenizer``, ``max_seq_len`` and ``async generate(prompt_ids, SamplingParams) ->
 AsyncIterator[TokenEvent]`` — :class:`k2.infer.AsyncEngine` over a k2 ``Engine``, whose background thread batches
 the concurrent requests of all handlers into shared forwards.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: a malformed body or invalid field
-400, an unknown model 404 (``model_not_found``), a prompt that leaves no room to generate 400
+400 (a bad ``tools`` or ``response_format`` schema names that ``param``), an unknown model 404
+(``model_not_found``), a prompt that leaves no room to generate 400
 (``context_length_exceeded``); ``max_tokens`` beyond the remaining context is clipped (finish reason
 ``"length"``). Serving continues after any of them.
 """
@@ -127,7 +129,10 @@ def create_app(engine: GenerationEngine, model_name: str) -> FastAPI:
                 param="messages",
                 code="context_length_exceeded",
             )
-        params = sampling_params(req, tokenizer, room)
+        try:
+            params = sampling_params(req, tokenizer, room)
+        except DataError as e:
+            raise APIError(400, str(e), param="tools" if req.tools else "response_format") from None
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -137,7 +142,7 @@ def create_app(engine: GenerationEngine, model_name: str) -> FastAPI:
         choices = [
             build_choice(
                 i,
-                prompt.forced_text + "".join(ev.text for ev in events),
+                "".join(ev.text for ev in events),
                 events[-1].finish_reason,
                 prompt.parse_tools,
                 logprobs_content(tokenizer, events) if req.logprobs else None,
@@ -183,7 +188,7 @@ async def _stream(engine, prompt, params, head, with_logprobs: bool, include_usa
             await queue.put((i, e))
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
-    streams = [ChoiceStream(i, prompt.forced_text, prompt.parse_tools) for i in range(len(params))]
+    streams = [ChoiceStream(i, prompt.parse_tools) for i in range(len(params))]
     completion_tokens, open_choices = 0, len(params)
     try:
         for i in range(len(params)):
