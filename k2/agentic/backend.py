@@ -282,7 +282,7 @@ class EngineBackend:
         from k2.infer.async_engine import AsyncEngine
         from k2.infer.loading import load_checkpoint
 
-        path = _checkpoint_dir(Path(checkpoint))
+        path = checkpoint_dir(Path(checkpoint))
         model, tok = load_checkpoint(path, tokenizer=tokenizer, dtype=dtype, device=device)
         self.name = f"engine:{path}"
         self.timeout_s = float(timeout_s)
@@ -359,7 +359,7 @@ class EngineBackend:
         return parse_reply({"choices": [choice], "usage": usage})
 
 
-def _checkpoint_dir(path: Path) -> Path:
+def checkpoint_dir(path: Path) -> Path:
     """``path`` if it holds ``config.json``, else its ``hf/`` export (a ``k2 pretrain`` / ``k2 sft`` run)."""
     from k2.train.loop import HF_DIR
 
