@@ -43,12 +43,13 @@ ADD = {
     "required": ["a", "b"],
     "additionalProperties": False,
 }
+NO_ARGS = {"type": "object", "additionalProperties": False}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}},
-    {"name": "clock", "description": "MCP-style tool", "inputSchema": {"type": "object", "additionalProperties": False}},
+    {"name": "clock", "description": "MCP-style tool", "inputSchema": NO_ARGS},
 ]
-SCHEMAS = {"get_weather": WEATHER, "add": ADD, "clock": {"type": "object", "additionalProperties": False}}
+SCHEMAS = {"get_weather": WEATHER, "add": ADD, "clock": NO_ARGS}
 
 
 def _user(text):
