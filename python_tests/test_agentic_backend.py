@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from _fake_openai import fake_openai, fake_openai_process
@@ -266,6 +267,39 @@ def test_engine_backend_answers_like_the_engine(checkpoint, one_thread):
         assert replies[q].content == ref.text and replies[q].finish_reason == ref.finish_reason
         assert (replies[q].prompt_tokens, replies[q].completion_tokens) == (n_prompt, len(ref.token_ids))
     assert backend.usage()["requests"] == 3 and backend.name == f"engine:{checkpoint}"
+
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "verdict": {"enum": ["keep", "drop"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+        "notes": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+    },
+    "required": ["verdict", "score", "notes"],
+    "additionalProperties": False,
+}
+
+
+def test_engine_backend_constrained_json_and_tool_calls(checkpoint, one_thread):
+    """A random tiny model answers valid JSON and valid tool calls only because decoding is constrained."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": NESTED}}]
+    backend = EngineBackend(checkpoint, max_seq_len=1024, max_batch_size=4)
+    try:
+        values = dict(
+            map_concurrent(
+                lambda s: chat_json(backend, USER, NESTED, temperature=1.0, max_tokens=200, seed=s), range(4), 4
+            )
+        )
+        reply = backend.chat(USER, tools=tools, tool_choice="required", temperature=1.0, max_tokens=200, seed=1)
+    finally:
+        backend.close()
+    assert all(not isinstance(v, BaseException) for v in values.values()), values  # parsed and validated
+    # a random model may start more parallel calls than max_tokens holds ("length"); every complete one is valid
+    assert reply.finish_reason in ("tool_calls", "length") and len(reply.tool_calls) >= 1
+    for call in reply.tool_calls:
+        assert call["function"]["name"] == "add"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), NESTED)
 
 
 def test_engine_backend_from_a_run_directory(checkpoint, tmp_path):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from _fake_openai import fake_openai, fake_openai_process
 
 from k2.agentic import OpenAIBackend
@@ -31,6 +32,7 @@ from k2.agentic.rephrase import (
 )
 from k2.agentic.store import JsonlStore
 from k2.data.tokenizer import ByteTokenizer
+from k2.model import Transformer, presets, save_hf
 from k2.train.config import DataSection
 from k2.train.data import build_data
 
@@ -172,6 +174,7 @@ def test_rephrase_content(tmp_path):
         "kept": 9,
         "rejected_fidelity": 3,
         "failed": {},
+        "failure_examples": {},
         "usage": None,
     }
     assert stats.usage["requests"] == len(requests) == 2 * n_chunks  # one rewrite and one verdict per chunk
@@ -197,6 +200,7 @@ def test_backend_failures_are_counted_and_retried_by_the_next_run(tmp_path):
     with fake_openai(script) as srv:
         stats = rephrase(_backend(srv.url), cfg)
     assert (stats.kept, stats.rejected, dict(stats.failed)) == (4, 0, {"http_5xx": 2})
+    assert "HTTP 500" in stats.failure_examples["http_5xx"]
     assert not any("BROKEN" in r["text"] for r in _records(cfg.output).values())
 
     healed = lambda req: script(json.loads(json.dumps(req).replace("broken", "mended")))  # noqa: E731
@@ -233,6 +237,26 @@ def test_bad_arguments_are_one_error_line(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().startswith("k2 rephrase: error:") and ".jsonl" in out.stderr
     out = _k2("rephrase", str(src), "-o", str(tmp_path / "out.jsonl"))
     assert out.returncode == 2 and "--backend" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_rephrase_with_a_k2_checkpoint_in_process(tmp_path):
+    """A random tiny model rewrites nonsense, but its verdicts are constrained JSON: nothing fails to parse."""
+    torch.manual_seed(0)
+    config = presets.tiny().replace(max_position_embeddings=4096)  # room for rewrites full of byte garbage
+    save_hf(Transformer(config), tmp_path / "ckpt", dtype=torch.float32)
+    ByteTokenizer().save(tmp_path / "ckpt")
+    src = _write_input(tmp_path / "in.jsonl", ["First sentence here. Second one there.", "Another short text."])
+    stats_file = tmp_path / "stats.json"
+    args = ["--backend", str(tmp_path / "ckpt"), "--chunk-tokens", "16", "--max-rephrasings", "1"]
+    args += ["--stats-json", str(stats_file)]
+    out = _k2("rephrase", str(src), "-o", str(tmp_path / "out.jsonl"), *args, "--threads", "1")
+    assert out.returncode == 0, out.stderr
+    assert "chunks counted with a k2 tokenizer" in out.stdout
+    stats = json.loads(stats_file.read_text())
+    assert stats["backend"] == f"engine:{tmp_path / 'ckpt'}" and stats["failed"] == {}, stats
+    assert stats["documents"] == 2 and stats["kept"] + stats["rejected_fidelity"] == stats["rephrasings"] == 2
+    assert stats["usage"]["requests"] >= 2 and stats["usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ stage talks to one :class:`ChatBackend`:
   returns or raises :class:`BackendError` within about ``(max_retries + 1) · timeout_s`` plus the back-offs.
 - :class:`EngineBackend`: a ``k2.infer.Engine`` over a Hugging Face-format checkpoint, driven exactly as ``k2 serve``
   drives it (the same request model, prompt rendering, sampling parameters and reply builder from
-  ``k2.infer.openai_protocol``), so replies match what the server would send; concurrent callers share the
+  ``k2.infer.openai_protocol``), so replies match what the server would send, and ``response_format`` /
+  ``tool_choice`` are enforced by its constrained decoding (``k2.infer.grammar``); concurrent callers share the
   engine's batches through ``k2.infer.async_engine.AsyncEngine``.
 
 ``usage()`` counts ``requests`` (calls of ``chat``), ``retries`` (extra tries), ``failures`` (calls that raised
@@ -337,23 +338,21 @@ class EngineBackend:
         if tool_choice is not None:
             fields["tool_choice"] = tool_choice
         if response_format is not None:
-            if "response_format" not in ChatCompletionRequest.model_fields:
-                raise BackendError("http_4xx", "this k2 build has no constrained decoding (response_format)")
             fields["response_format"] = dict(response_format)
         try:
             req = ChatCompletionRequest.model_validate(fields)
             prompt = build_prompt(req, self.tokenizer)
+            room = self._engine.max_seq_len - len(prompt.ids)
+            if room < 1:
+                raise DataError(f"the prompt has {len(prompt.ids)} tokens, max_seq_len is {self._engine.max_seq_len}")
+            (params,) = sampling_params(req, self.tokenizer, room)  # compiles the output grammar, if any
         except (pydantic.ValidationError, DataError) as e:
             raise BackendError("http_4xx", f"bad request: {e}") from None
-        room = self._engine.max_seq_len - len(prompt.ids)
-        if room < 1:
-            raise BackendError("http_4xx", f"the prompt has {len(prompt.ids)} tokens, max_seq_len is {room}")
-        (params,) = sampling_params(req, self.tokenizer, room)
         try:
             events = [ev async for ev in self._engine.generate(prompt.ids, params)]
         except ValueError as e:
             raise BackendError("http_4xx", str(e)) from None
-        text = prompt.forced_text + "".join(ev.text for ev in events)
+        text = "".join(ev.text for ev in events)
         choice = build_choice(0, text, events[-1].finish_reason, prompt.parse_tools, None)
         usage = {"prompt_tokens": len(prompt.ids), "completion_tokens": len(events)}
         return parse_reply({"choices": [choice], "usage": usage})
@@ -375,14 +374,16 @@ def make_backend(
     concurrency: int = 8,
     timeout_s: float = 60.0,
     max_retries: int = 3,
+    device: str = "cpu",
 ) -> ChatBackend:
-    """``http(s)://host:port/v1`` → :class:`OpenAIBackend`; a checkpoint or run directory → :class:`EngineBackend`."""
+    """``http(s)://host:port/v1`` → :class:`OpenAIBackend`; a checkpoint or run directory → :class:`EngineBackend`
+    on ``device`` (``concurrency`` is then its batch size)."""
     if spec.startswith(("http://", "https://")):
         return OpenAIBackend(spec, model=model, timeout_s=timeout_s, max_retries=max_retries, concurrency=concurrency)
     path = Path(spec)
     if not path.is_dir():
         raise ConfigError(f"--backend {spec!r} is neither an http(s):// URL nor a checkpoint or run directory")
-    return EngineBackend(path, timeout_s=timeout_s, max_batch_size=concurrency)
+    return EngineBackend(path, timeout_s=timeout_s, max_batch_size=concurrency, device=device)
 
 
 def chat_json(

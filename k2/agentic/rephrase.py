@@ -64,9 +64,12 @@ JUDGE_SYSTEM = (
     "You check a rewrite against its original. It is faithful if it states the same facts, numbers, names and "
     "claims: nothing added, nothing left out, nothing changed. Style and wording may differ freely."
 )
+REASON_CHARS = 200
+# A character is at most 4 UTF-8 bytes and a token at least one byte, so a constrained verdict always fits.
+VERDICT_MAX_TOKENS = 4 * REASON_CHARS + 64
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"faithful": {"type": "boolean"}, "reason": {"type": "string"}},
+    "properties": {"faithful": {"type": "boolean"}, "reason": {"type": "string", "maxLength": REASON_CHARS}},
     "required": ["faithful", "reason"],
     "additionalProperties": False,
 }
@@ -107,6 +110,7 @@ class RephraseStats:
     kept: int = 0
     rejected: int = 0  # dropped by the fidelity judge
     failed: Counter = field(default_factory=Counter)  # back-end reason → rephrasings
+    failure_examples: dict[str, str] = field(default_factory=dict)  # reason → its first error message
     usage: dict[str, int] = field(default_factory=dict)  # the back end's counters spent by this run
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class RephraseStats:
             "kept": self.kept,
             "rejected_fidelity": self.rejected,
             "failed": dict(self.failed),
+            "failure_examples": self.failure_examples,
             "usage": self.usage,
         }
 
@@ -249,7 +254,14 @@ def _rephrase_one(
         piece = reply.content.strip()
         if not piece:
             return {**record, "dropped": f"chunk {i}: empty rewrite", "chunk": i}
-        verdict = chat_json(backend, judge_messages(chunk, piece), VERDICT_SCHEMA, name="verdict", temperature=0.0)
+        verdict = chat_json(
+            backend,
+            judge_messages(chunk, piece),
+            VERDICT_SCHEMA,
+            name="verdict",
+            temperature=0.0,
+            max_tokens=VERDICT_MAX_TOKENS,
+        )
         if not verdict["faithful"]:
             return {**record, "dropped": f"chunk {i}: {verdict['reason']}", "chunk": i}
         rewritten += (_separator(job.chunks[i - 1]) if i else "") + piece
@@ -317,7 +329,9 @@ def rephrase(
         for _, out in map_concurrent(work, pending(), cfg.concurrency):
             bar.update(1)
             if isinstance(out, BaseException):
-                stats.failed[out.reason if isinstance(out, BackendError) else type(out).__name__] += 1
+                reason = out.reason if isinstance(out, BackendError) else type(out).__name__
+                stats.failed[reason] += 1
+                stats.failure_examples.setdefault(reason, str(out)[:300])
             elif "dropped" in out:
                 dropped.append(out)
                 stats.rejected += 1

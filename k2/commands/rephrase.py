@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="rephrasings in flight at once")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request before it is retried")
     p.add_argument("--max-retries", type=int, default=3, help="retries of a failed request")
+    p.add_argument("--device", default="cpu", help="torch device of a checkpoint back end (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of a checkpoint back end (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true", help="print the prompts as JSON lines; send nothing")
     p.add_argument("--stats-json", help="also write the run's statistics to this file")
     p.set_defaults(func=run)
@@ -38,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from k2.agentic.backend import EngineBackend, checkpoint_dir, make_backend
     from k2.agentic.rephrase import RephraseConfig, format_stats, rephrase
+    from k2.commands._inference_args import set_threads
     from k2.data.tokenizer import load_tokenizer
     from k2.errors import ConfigError
 
@@ -61,12 +64,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.backend:
         raise ConfigError("--backend URL|DIR is required (or --dry-run)")
+    set_threads(args)
     backend = make_backend(
         args.backend,
         model=args.model,
         concurrency=args.concurrency,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        device=args.device,
     )
     if tokenizer is None and isinstance(backend, EngineBackend):
         tokenizer = backend.tokenizer
