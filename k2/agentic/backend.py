@@ -258,8 +258,6 @@ def _classify(e: Exception) -> tuple[BackendError, bool]:
         if status >= 500:
             return BackendError("http_5xx", message), True
         return BackendError("http_4xx", message), status in (408, 429)
-    if isinstance(e, openai.APIResponseValidationError):
-        return BackendError("malformed_response", str(e)), True
     raise e
 
 
