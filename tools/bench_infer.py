@@ -12,9 +12,19 @@ For each preset: a random k2 model (non-zero router bias) is saved with ``save_h
 Decode tokens/s = batch · (N − 1) / decode time; the best of ``--repeats`` alternating runs of each (the CPU may be
 shared). Cache bytes per token: k2's ``LatentCache.bytes_per_token`` (L · (kv_lora_rank + qk_rope_head_dim)
 values) and the bytes of transformers' returned ``past_key_values`` divided by batch · cached length. The greedy
-tokens of both are compared. Usage:
+tokens of both are compared.
+
+``--schema``: instead, the cost of constrained decoding (``k2.infer.grammar``, llguidance). For each preset and each
+``--schema-batches`` size, the same random model decodes the same prompt (a chat turn, ``ByteTokenizer``) for
+``--new-tokens`` tokens at temperature 1 with per-request seeds, free and under a JSON schema (an array of at least
+10^6 records with a string, an integer, a number, an enum and a boolean each, so the grammar never completes and every
+step is masked). Decode tokens/s as above and the ratio constrained / free; the grammar's own cost per decode step
+(the batch's masks, ``GrammarCompiler.allowed``, plus advancing every matcher) is also timed alone, since on a shared
+CPU it is smaller than the noise of the forwards.
+Usage:
 
     python tools/bench_infer.py --presets tiny small --batch 1 --new-tokens 64 --json out.json
+    python tools/bench_infer.py --presets tiny --schema --schema-batches 1 8 --new-tokens 128 --json schema.json
 """
 
 from __future__ import annotations
@@ -27,8 +37,28 @@ from pathlib import Path
 
 import torch
 
+from k2.data import chat
+from k2.data.tokenizer import ByteTokenizer
 from k2.infer import Engine, SamplingParams
+from k2.infer.grammar import Grammar, GrammarCompiler, json_schema
 from k2.model import Transformer, load_hf, presets, save_hf
+
+RECORDS = {
+    "type": "array",
+    "minItems": 1_000_000,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "count": {"type": "integer", "minimum": 0, "maximum": 10_000},
+            "score": {"type": "number"},
+            "kind": {"enum": ["alpha", "beta", "gamma"]},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["name", "count", "score", "kind", "ok"],
+        "additionalProperties": False,
+    },
+}
 
 
 def _k2_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -108,6 +138,83 @@ def bench_preset(name: str, batch: int, prompt_len: int, new_tokens: int, repeat
     }
 
 
+def _timed_decode(engine: Engine, prompt: list[int], params: list[SamplingParams]) -> tuple[float, int]:
+    """Decode seconds (all steps after the prefill step) and the number of decoded tokens."""
+    for p in params:
+        engine.add_request(prompt, p)
+    engine.step()  # prefill: all prompts fit one step
+    start, decoded = time.perf_counter(), 0
+    while engine.has_unfinished():
+        decoded += len(engine.step())
+    return time.perf_counter() - start, decoded
+
+
+def _grammar_seconds_per_step(compiler: GrammarCompiler, grammar: Grammar, batch: int, steps: int) -> float:
+    """Seconds per step of computing ``batch`` masks and advancing each matcher by a random allowed token."""
+    matchers = [compiler.matcher(grammar) for _ in range(batch)]
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        allowed = compiler.allowed(matchers, compiler.vocab_size, torch.device("cpu"))  # [B, V]
+        tokens = torch.multinomial(allowed.float(), 1, generator=gen)[:, 0].tolist()
+        for m, t in zip(matchers, tokens, strict=True):
+            m.advance(t)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_schema(name: str, batch: int, new_tokens: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = Transformer(presets.get(name))
+    prompt = chat.render([{"role": "user", "content": "List records as JSON."}], tok, add_generation_prompt=True)[0]
+    engine = Engine(model, tok, max_batch_size=batch, max_seq_len=len(prompt) + new_tokens + 1)
+    grammar = json_schema(RECORDS)
+
+    def params(constrained: bool) -> list[SamplingParams]:
+        g = grammar if constrained else None
+        return [SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, grammar=g) for i in range(batch)]
+
+    free, constrained = [], []
+    with torch.inference_mode():
+        _timed_decode(engine, prompt, params(True))  # compiles the grammar (cached afterwards)
+        for _ in range(repeats):
+            t, n_free = _timed_decode(engine, prompt, params(False))
+            free.append(t)
+            t, n_constrained = _timed_decode(engine, prompt, params(True))
+            constrained.append(t)
+    assert n_free == n_constrained == batch * (new_tokens - 1), "every request decodes all its tokens"
+    steps = new_tokens - 1
+    compiler = GrammarCompiler(tok)
+    _grammar_seconds_per_step(compiler, grammar, batch, steps)  # warm-up: llguidance builds lexer states lazily
+    grammar_s = [_grammar_seconds_per_step(compiler, grammar, batch, steps) for _ in range(repeats)]
+    return {
+        "preset": name,
+        "batch": batch,
+        "prompt_len": len(prompt),
+        "new_tokens": new_tokens,
+        "free_decode_tok_s": n_free / min(free),
+        "schema_decode_tok_s": n_constrained / min(constrained),
+        "ratio": min(free) / min(constrained),
+        "grammar_us_per_step": min(grammar_s) * 1e6,
+    }
+
+
+def main_schema(args: argparse.Namespace) -> None:
+    rows = [bench_schema(p, b, args.new_tokens, args.repeats) for p in args.presets for b in args.schema_batches]
+    print(
+        f"decode free vs JSON-schema constrained, CPU ({torch.get_num_threads()} threads), {args.new_tokens} new "
+        f"tokens, temperature 1, best of {args.repeats}"
+    )
+    print(f"{'preset':8} {'batch':>5} {'free tok/s':>11} {'schema tok/s':>13} {'ratio':>6} {'grammar us/step':>16}")
+    for r in rows:
+        print(
+            f"{r['preset']:8} {r['batch']:5d} {r['free_decode_tok_s']:11.1f} {r['schema_decode_tok_s']:13.1f} "
+            f"{r['ratio']:6.2f} {r['grammar_us_per_step']:16.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -117,9 +224,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--schema", action="store_true", help="free vs JSON-schema constrained decode instead")
+    parser.add_argument("--schema-batches", type=int, nargs="+", default=[1, 8], help="batch sizes for --schema")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.schema:
+        main_schema(args)
+        return
 
     rows = [bench_preset(p, args.batch, args.prompt_len, args.new_tokens, args.repeats) for p in args.presets]
     print(
