@@ -27,7 +27,7 @@ SYSTEM = "You write system prompts for AI assistants that call tools. Reply with
 
 def agent_schema(max_chars: int) -> dict[str, Any]:
     text = {"type": "string", "minLength": 1}
-    props = {"name": {**text, "maxLength": 60}, "system_prompt": {**text, "maxLength": max_chars}}
+    props = {"name": {**text, "maxLength": min(60, max_chars)}, "system_prompt": {**text, "maxLength": max_chars}}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 

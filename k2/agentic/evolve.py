@@ -55,13 +55,13 @@ def _array(items: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
 
 
 def domains_schema(n: int, max_chars: int) -> dict[str, Any]:
-    domain = _object({"name": _text(60), "description": _text(max_chars)})
+    domain = _object({"name": _text(min(60, max_chars)), "description": _text(max_chars)})
     return _object({"domains": _array(domain, n, n)})
 
 
 def tools_schema(n: int, max_chars: int) -> dict[str, Any]:
     common = {"name": _PARAM_NAME, "description": _text(max_chars // 2), "required": {"type": "boolean"}}
-    string_param = _object({**common, "type": {"const": "string"}, "enum": _array(_text(40), 0, 6)})
+    string_param = _object({**common, "type": {"const": "string"}, "enum": _array(_text(min(40, max_chars)), 0, 6)})
     other_param = _object({**common, "type": {"enum": list(PARAM_TYPES[1:])}})
     tool = _object(
         {

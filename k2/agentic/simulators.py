@@ -70,7 +70,7 @@ def user_schema(max_chars: int) -> dict[str, Any]:
 
 
 def tool_result_schema(max_chars: int) -> dict[str, Any]:
-    update = _obj({"key": _text(40), "value": _text(100, lo=0)})
+    update = _obj({"key": _text(min(40, max_chars)), "value": _text(min(100, max_chars), lo=0)})
     return _obj({"output": _text(max_chars), "state_updates": {"type": "array", "items": update, "maxItems": 4}})
 
 
