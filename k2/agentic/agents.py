@@ -1,6 +1,5 @@
 """``k2 synth agents``: agents, each a system prompt over a seeded subset of the tool repository (Kimi K2 report,
-arXiv 2507.20534 §3.1.1: "thousands of distinct agents by synthesizing various system prompts and equipping them
-with different combinations of tools").
+arXiv 2507.20534 §3.1.1: many agents, made by pairing synthesised system prompts with different tool combinations).
 
 Agent ``i`` draws its tools from its own generator (``derived_seed(seed, agent id)``): a size in ``[min_tools,
 max_tools]`` (capped by the repository), an anchor tool, then tools of the anchor's domain, then of its category,

@@ -125,7 +125,7 @@ class SynthConfig:
         unknown = sorted(set(changes) - {f.name for f in _FIELDS})
         if unknown:
             raise ConfigError(f"synth: unknown config keys {unknown}")
-        tuples = {f.name for f in _FIELDS if f.default is not None and isinstance(f.default, tuple)}
+        tuples = {f.name for f in _FIELDS if isinstance(f.default, tuple)}
         changes = {k: tuple(v) if k in tuples else v for k, v in changes.items()}
         return dataclasses.replace(self, **changes)
 

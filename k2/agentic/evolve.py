@@ -1,6 +1,6 @@
-"""``k2 synth tools``: the tool repository, from imported MCP tools and tools evolved hierarchically
-(Kimi K2 report, arXiv 2507.20534 §3.1.1: "we first generate key categories ..., then evolve specific application
-domains within each category; specialized tools are then synthesized for each domain").
+"""``k2 synth tools``: the tool repository, from imported MCP tools and tools evolved hierarchically (Kimi K2
+report, arXiv 2507.20534 §3.1.1: key categories first, then application domains within each category, then
+specialised tools for each domain).
 
 Steps, each resumable (one JSONL file, stable ids):
 1. categories: a seeded sample of ``cfg.num_categories`` seed categories (built-in list or ``--categories``);
@@ -30,6 +30,7 @@ from k2.agentic.config import SynthConfig
 from k2.agentic.stage import StageResult, make_missing, run_logged
 from k2.agentic.store import JsonlStore, derived_seed, stable_id
 from k2.agentic.tools import dedup, mcp_extras, to_openai, tool_name, tool_problem
+from k2.errors import DataError
 
 DOMAINS_FILE = "domains.jsonl"
 PROPOSALS_FILE = "tool_proposals.jsonl"
@@ -173,7 +174,7 @@ def _candidates(cfg: SynthConfig, proposals: list[dict[str, Any]]) -> list[tuple
         base = {"source": source, "origin": [source, i], "category": None, "domain": None}
         try:
             tool = to_openai(raw, i)
-        except Exception as e:  # a tools/list entry that is not a tool at all
+        except DataError as e:  # a tools/list entry that is not a tool at all
             out.append((base, raw, str(e).removeprefix("chat.render: ")))
             continue
         out.append(({**base, "mcp": mcp_extras(raw)}, tool, tool_problem(tool)))

@@ -1,6 +1,5 @@
 """``k2 synth judge``: an LLM judge grades each episode against its task's rubric and keeps only the successes
-(Kimi K2 report, arXiv 2507.20534 §3.1.1: "an LLM-based judge evaluates trajectories against task rubrics. Only
-trajectories that meet the success criteria are retained for training").
+(Kimi K2 report, arXiv 2507.20534 §3.1.1: trajectories are filtered by an LLM judge against the task rubrics).
 
 An episode that did not end with the agent's answer (stop reason ``step_limit`` or ``empty_reply``, or no final
 assistant text) fails by rule, without a request. Every other one gets one ``chat_json`` call at temperature 0
@@ -38,9 +37,9 @@ def verdict_schema(max_chars: int) -> dict[str, Any]:
     score = {"type": "integer", "minimum": 0, "maximum": 10}
     scores = {"type": "object", "properties": dict.fromkeys(SCORES, score), "required": list(SCORES)}
     scores["additionalProperties"] = False
-    reasons = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": max_chars // 2}}
-    props = {"verdict": {"enum": ["pass", "fail"]}, "scores": scores, "reasons": {**reasons, "minItems": 1}}
-    props["reasons"]["maxItems"] = 4
+    reason = {"type": "string", "minLength": 1, "maxLength": max_chars // 2}
+    reasons = {"type": "array", "items": reason, "minItems": 1, "maxItems": 4}
+    props = {"verdict": {"enum": ["pass", "fail"]}, "scores": scores, "reasons": reasons}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 

@@ -1,7 +1,6 @@
 """The two simulators of a synthetic episode (Kimi K2 report, arXiv 2507.20534 §3.1.1): an LLM user with a persona
-and a communication style, and a tool simulator, "a functional equivalent to executing the tools", that keeps
-the episode's state and "introduces controlled stochasticity ... with varied outcomes including success, partial
-failure, and edge cases".
+and a communication style, and a tool simulator that stands in for executing the tools: it keeps the episode's
+state and injects controlled randomness, so calls succeed, partly fail or hit edge cases.
 
 Tool simulator, per call:
 1. the call is checked against its tool's JSON Schema (``k2.agentic.tools.check_call``): an unknown tool,

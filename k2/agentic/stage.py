@@ -35,7 +35,7 @@ T = TypeVar("T")
 @dataclass
 class StageResult:
     stage: str
-    total: int = 0  # records the stage should have
+    total: int = 0  # records the stage should have (over all its files)
     existing: int = 0  # already in its store when it started
     new: int = 0  # written by this invocation
     failures: Counter = field(default_factory=Counter)  # reason → records that failed
@@ -103,7 +103,10 @@ def run_logged(
 def read_store(run_dir: Path, filename: str, needed_by: str) -> list[dict[str, Any]]:
     """The records of an earlier stage's file (``K2Error`` naming the stage to run first when there are none)."""
     path = run_dir / filename
-    records = JsonlStore(path).records() if path.exists() else []
+    records = []
+    if path.exists():
+        with JsonlStore(path) as store:
+            records = store.records()
     if not records:
         raise K2Error(f"{needed_by}: no records in {path}; run the stage that writes it first")
     return records

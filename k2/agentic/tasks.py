@@ -1,6 +1,5 @@
 """``k2 synth tasks``: per agent, tasks from simple to complex, each with a rubric (Kimi K2 report, arXiv
-2507.20534 §3.1.1: "tasks that range from simple to complex operations", "each task is paired with an explicit
-rubric that specifies success criteria, expected tool-use patterns, and evaluation checkpoints").
+2507.20534 §3.1.1: every task comes with a rubric of success criteria, expected tool-use patterns and checkpoints).
 
 Task ``k`` of an agent's ``n`` gets level ``k · len(LEVELS) // n`` (so the first is simple and, with three or more,
 the last is complex). The reply schema ties the rubric to the agent: ``expected_tool_calls`` names only the agent's

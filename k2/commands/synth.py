@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import sys
 from pathlib import Path
 
 STAGE_HELP = {
@@ -103,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from k2.agentic.config import SynthConfig, resolve_config, save_config
-    from k2.agentic.export import STATS_FILE, format_table
+    from k2.agentic.export import SFT_FILE, STATS_FILE, format_table
     from k2.agentic.pipeline import STAGES, backend_for, dry_run, latest_run_dir, run_stages
 
     fields = {f.name for f in dataclasses.fields(SynthConfig)}
@@ -126,20 +128,19 @@ def run(args: argparse.Namespace) -> int:
     backend = None if stages == ["export"] else backend_for(cfg)
     print(f"k2 synth: run directory {run_dir}, back end {backend.name if backend else '(none)'}", flush=True)
     try:
-        for result in run_stages(run_dir, backend, cfg, stages):
+        for name in stages:
+            (result,) = run_stages(run_dir, backend, cfg, [name])
             fails = ", ".join(f"{k} {v}" for k, v in sorted(result.failures.items()))
-            print(
-                f"  {result.stage:<9} {result.new} new, {result.existing} existing of {result.total}"
-                + (f"; failed: {fails}" if fails else ""),
-                flush=True,
-            )
+            line = f"  {result.stage:<9} {result.new} new, {result.existing} existing of {result.total}"
+            print(line + (f"; failed: {fails} (rerun to retry)" if fails else ""), flush=True)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"k2 synth: interrupted; continue with: k2 synth {args.stage} --run-dir {run_dir}\n")
+        return 130
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
             close()
     if "export" in stages:
-        import json
-
         print(format_table(json.loads((run_dir / STATS_FILE).read_text())))
-        print(f"SFT data: {run_dir / 'sft.jsonl'}   (train: k2 sft --data {run_dir / 'sft.jsonl'})")
+        print(f"SFT data: {run_dir / SFT_FILE}   (train: k2 sft --data {run_dir / SFT_FILE})")
     return 0
