@@ -46,8 +46,12 @@ async def _list_tools(command: list[str], timeout_s: float) -> list[dict[str, An
         await asyncio.wait_for(session.initialize(), timeout_s)
         cursor = None
         while True:
-            page_params = types.PaginatedRequestParams(cursor=cursor) if cursor else None
-            result = await asyncio.wait_for(session.list_tools(params=page_params), timeout_s)
+            # The first page without arguments, which every SDK version accepts; later pages by cursor.
+            if cursor:
+                call = session.list_tools(params=types.PaginatedRequestParams(cursor=cursor))
+            else:
+                call = session.list_tools()
+            result = await asyncio.wait_for(call, timeout_s)
             page = result.model_dump(mode="json", by_alias=True, exclude_none=True)
             tools += page.get("tools", [])
             cursor = page.get("nextCursor")
