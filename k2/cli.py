@@ -16,7 +16,7 @@ import sys
 from k2.errors import K2Error
 
 # Subcommand modules, in the order ``k2 --help`` lists them.
-COMMANDS = ("info", "plan", "pretrain", "sft", "rl", "plot", "generate", "chat", "serve")
+COMMANDS = ("info", "plan", "pretrain", "sft", "rl", "synth", "rephrase", "plot", "generate", "chat", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
