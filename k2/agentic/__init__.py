@@ -21,13 +21,13 @@ from k2.agentic.pipeline import STAGES, run_stages
 from k2.agentic.store import JsonlStore, derived_seed, stable_id
 
 __all__ = [
+    "STAGES",
     "BackendError",
     "ChatBackend",
     "ChatReply",
     "EngineBackend",
     "JsonlStore",
     "OpenAIBackend",
-    "STAGES",
     "SynthConfig",
     "chat_json",
     "derived_seed",
