@@ -1,10 +1,11 @@
 """Weight-sync throughput (``k2.rl.weight_sync``) against a plain copy / broadcast of the same bytes.
 
 Rows:
-- colocated: ``ColocatedSync.sync()`` (direct per-tensor copies, and the staged bucketed path) vs one
-  ``torch.Tensor.copy_`` of a flat buffer holding the same bytes;
-- broadcast (2 processes, gloo on CPU / NCCL with ``--device cuda``): ``BroadcastSender.sync()`` vs one
-  ``dist.broadcast`` of a flat buffer of the same bytes.
+- colocated: ``ColocatedSync.sync()`` (direct copies, and the staged bucketed path that crosses devices: two
+  copies of every byte, so at most 50 % of a copy on one device) vs one ``torch.Tensor.copy_`` of a flat buffer
+  holding the same bytes;
+- broadcast (2 processes, gloo on CPU / NCCL with ``--device cuda``): ``BroadcastSender.sync()`` (header,
+  acknowledgements and buckets) vs one ``dist.broadcast`` of a flat buffer of the same bytes.
 
 GB/s = synced bytes / median time; "% of plain" is the ratio to the plain row (goal: >= 80 %).
 
