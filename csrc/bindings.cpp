@@ -2,6 +2,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "common/check.h"
 #include "common/py_view.h"
 #include "common/registry.h"
@@ -62,6 +65,15 @@ void register_common(py::module_& m) {
         "Kernel families in this build and the device types ('cpu', 'cuda') each has kernels for.");
     m.def("num_threads", &num_threads, "Threads the CPU kernels use (K2_NUM_THREADS, default all cores).");
     m.def("set_num_threads", &set_num_threads, py::arg("n"), "Sets the CPU kernels' thread count.");
+    m.def(
+        "getenv",
+        [](const std::string& name) -> py::object {
+            const char* value = std::getenv(name.c_str());
+            return value == nullptr ? py::none() : py::object(py::str(value));
+        },
+        py::arg("name"),
+        "The process environment's value of `name`, or None. os.environ writes through to it; unlike "
+        "os.environ.get, an unset name costs no exception (k2.ops reads K2_OPS on every dispatch).");
     m.def(
         "describe",
         [](const py::handle& obj) {

@@ -186,3 +186,44 @@ def test_dlpack_cuda_producers_get_the_ops_stream():
     assert cpu_producer.streams == [None]
     q_ref, s_ref = reference.quantize_1x128(x, torch.float8_e4m3fn, False)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+
+
+@needs_native
+def test_view_tuples_of_any_int_sequences_read_the_same():
+    """torch.Size / tuple views take the CPython fast path; lists and NumPy integers the checked one: same view."""
+    x = torch.randn(8, 512)[::2, 64:364]
+    v = _native.view(x)
+    assert isinstance(v[1], torch.Size)
+    expected = C.describe(v)
+    assert expected == "float32[4, 300] strides [1024, 1] on cpu"
+    assert C.describe((v[0], list(v[1]), list(v[2]), *v[3:])) == expected
+    assert C.describe((np.uint64(v[0]), tuple(np.int64(n) for n in v[1]), v[2], *v[3:])) == expected
+
+
+@needs_native
+def test_getenv_follows_os_environ(monkeypatch):
+    """k2.ops reads K2_OPS through the C environment (no exception when unset); os.environ writes through to it."""
+    monkeypatch.delenv("K2_OPS", raising=False)
+    assert C.getenv("K2_OPS") is None and not _native.forced_reference()
+    monkeypatch.setenv("K2_OPS", " Reference ")
+    assert C.getenv("K2_OPS") == " Reference " and _native.forced_reference()
+    monkeypatch.delenv("K2_OPS")
+    assert C.getenv("K2_OPS") is None
+
+
+@needs_native
+def test_none_is_an_empty_workspace():
+    """``_native.call`` passes None when an op's workspace query says 0 bytes: the same as an empty uint8 tensor."""
+    q, cache = torch.randn(2, 4, 48), torch.randn(2, 16, 48)
+    lengths = torch.tensor([16, 5], dtype=torch.int32)
+    assert C.mla_decode_workspace_size(2, 4, 32, 16, "cpu", 0) == 0
+    results = []
+    for workspace in (None, _native.view(torch.empty(0, dtype=torch.uint8))):
+        o, lse = torch.empty(2, 4, 32), torch.empty(2, 4)
+        v = _native.view
+        C.mla_decode(v(q), v(cache), v(lengths), v(o), v(lse), 0.125, 32, workspace, 0)
+        results.append((o, lse))
+    o_ref, lse_ref = reference.mla_decode(q, cache, lengths, 0.125, 32)
+    for o, lse in results:
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)

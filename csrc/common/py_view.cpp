@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/check.h"
@@ -101,11 +102,73 @@ PyTensor from_dlpack(const py::handle& obj, const char* op, const char* arg, uin
     return out;
 }
 
-PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
-    K2_CHECK_ARG(tup.size() == 6, op, arg,
-                 "expected a view (data_ptr, shape, strides, dtype, device_type, device_index), got a tuple of ",
-                 tup.size(), " items");
-    PyTensor out;
+// A tuple of Python ints (torch.Size is one) into `out`; false (nothing raised) for anything else, which the caller
+// then converts through pybind11 to get its error message.
+bool int64s_from_tuple(PyObject* obj, std::vector<int64_t>& out) {
+    if (!PyTuple_Check(obj)) return false;
+    const Py_ssize_t n = PyTuple_GET_SIZE(obj);
+    out.resize(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* item = PyTuple_GET_ITEM(obj, i);
+        if (!PyLong_CheckExact(item)) return false;
+        int overflow = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return false;
+        }
+        out[static_cast<std::size_t>(i)] = v;
+    }
+    return true;
+}
+
+// The view tuple read with the CPython API: this runs for every tensor of every launch (a decode step launches per
+// layer), where pybind11's generic casters cost several times the small kernels they feed. Returns false for
+// anything unusual (the caller then takes the checked pybind11 path and its error messages).
+bool from_tuple_fast(PyObject* tup, PyTensor& out) {
+    PyObject* data = PyTuple_GET_ITEM(tup, 0);
+    PyObject* dtype = PyTuple_GET_ITEM(tup, 3);
+    PyObject* device = PyTuple_GET_ITEM(tup, 4);
+    PyObject* index = PyTuple_GET_ITEM(tup, 5);
+    if (!PyLong_CheckExact(data) || !PyUnicode_CheckExact(dtype) || !PyUnicode_CheckExact(device) ||
+        !PyLong_CheckExact(index))
+        return false;
+    if (!int64s_from_tuple(PyTuple_GET_ITEM(tup, 1), out.view.shape) ||
+        !int64s_from_tuple(PyTuple_GET_ITEM(tup, 2), out.view.strides))
+        return false;
+    const unsigned long long ptr = PyLong_AsUnsignedLongLong(data);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+    }
+    const long device_index = PyLong_AsLong(index);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+    }
+    Py_ssize_t n = 0;
+    const char* name = PyUnicode_AsUTF8AndSize(dtype, &n);
+    if (name == nullptr) {
+        PyErr_Clear();
+        return false;
+    }
+    const auto found = find_dtype(std::string(name, static_cast<std::size_t>(n)));
+    const char* dev = PyUnicode_AsUTF8AndSize(device, &n);
+    if (!found || dev == nullptr) {
+        PyErr_Clear();
+        return false;
+    }
+    const std::string_view dev_name(dev, static_cast<std::size_t>(n));
+    if (dev_name != "cpu" && dev_name != "cuda") return false;
+    out.view.data = reinterpret_cast<void*>(static_cast<uintptr_t>(ptr));
+    out.view.dtype = *found;
+    out.view.device = dev_name == "cuda" ? DeviceType::CUDA : DeviceType::CPU;
+    out.view.device_index = static_cast<int>(device_index);
+    return true;
+}
+
+// The same through pybind11's casters, with an error message naming what is wrong.
+void from_tuple_checked(const py::tuple& tup, const char* op, const char* arg, PyTensor& out) {
     try {
         out.view.data = reinterpret_cast<void*>(tup[0].cast<uintptr_t>());
         out.view.shape = tup[1].cast<std::vector<int64_t>>();
@@ -126,6 +189,14 @@ PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
     } catch (const std::invalid_argument& e) {
         fail_argument(op, arg, e.what());
     }
+}
+
+PyTensor from_tuple(const py::tuple& tup, const char* op, const char* arg) {
+    K2_CHECK_ARG(tup.size() == 6, op, arg,
+                 "expected a view (data_ptr, shape, strides, dtype, device_type, device_index), got a tuple of ",
+                 tup.size(), " items");
+    PyTensor out;
+    if (!from_tuple_fast(tup.ptr(), out)) from_tuple_checked(tup, op, arg, out);
     K2_CHECK_ARG(out.view.shape.size() == out.view.strides.size(), op, arg, "shape has ", out.view.shape.size(),
                  " dims but strides has ", out.view.strides.size());
     for (int64_t s : out.view.shape) K2_CHECK_ARG(s >= 0, op, arg, "negative size in shape");
@@ -144,6 +215,15 @@ PyTensor to_view(const py::handle& obj, const char* op, const char* arg, uintptr
 }
 
 PyTensor to_workspace(const py::handle& obj, const TensorView& like, const char* op, uintptr_t stream) {
+    if (obj.is_none()) {  // no scratch needed: an empty workspace on the operands' device
+        PyTensor ws;
+        ws.view.shape = {0};
+        ws.view.strides = {1};
+        ws.view.dtype = DType::UInt8;
+        ws.view.device = like.device;
+        ws.view.device_index = like.device_index;
+        return ws;
+    }
     PyTensor ws = to_view(obj, op, "workspace", stream);
     expect_ndim(ws.view, op, "workspace", 1);
     expect_dtype(ws.view, op, "workspace", {DType::UInt8});

@@ -46,9 +46,15 @@ def native() -> ModuleType | None:
     return _native_module
 
 
+# The environment as the C library sees it (os.environ writes through): an unset name is a plain None, where
+# os.environ.get raises and catches a KeyError — a cost paid on every dispatch otherwise.
+_getenv = os.environ.get if _native_module is None else _native_module.getenv
+
+
 def forced_reference() -> bool:
     """True when ``K2_OPS=reference`` asks for the PyTorch reference of every op."""
-    return os.environ.get("K2_OPS", "").strip().lower() == "reference"
+    value = _getenv("K2_OPS")
+    return value is not None and value.strip().lower() == "reference"
 
 
 def available() -> dict[str, list[str]]:
@@ -91,16 +97,26 @@ def kernel_module(family: str, device: torch.device, *dtypes: torch.Tensor | tor
     return _native_module
 
 
+class _DTypeNames(dict):
+    """``torch.float32`` → ``"float32"``: one dict lookup per view; a dtype seen for the first time is named on the
+    way (the native side rejects the ones it does not take)."""
+
+    def __missing__(self, dtype: torch.dtype) -> str:
+        self[dtype] = name = str(dtype).removeprefix("torch.")
+        return name
+
+
+_DTYPE_NAMES = _DTypeNames()
+_CPU = ("cpu", 0)
+
+
 def view(t: torch.Tensor) -> View:
-    """The native boundary's view of ``t``; the tensor must stay alive until the native call returns."""
-    return (
-        t.data_ptr(),
-        tuple(t.shape),
-        tuple(t.stride()),
-        str(t.dtype).removeprefix("torch."),
-        t.device.type,
-        t.device.index or 0,
-    )
+    """The native boundary's view of ``t``; the tensor must stay alive until the native call returns.
+
+    Built on every kernel launch (a decode step makes several per layer), so it avoids the slow accessors:
+    ``torch.Size`` is already a tuple, the dtype name comes from a table and a CPU tensor's device is a constant."""
+    device = _CPU if t.is_cpu else (t.device.type, t.device.index or 0)
+    return (t.data_ptr(), t.shape, t.stride(), _DTYPE_NAMES[t.dtype], *device)
 
 
 def stream(device: torch.device) -> int:
@@ -123,15 +139,26 @@ def call(fn: str, device: torch.device, *args: object, workspace: tuple[str, Seq
     Tensors in ``args`` are passed as :func:`view` tuples. The call runs with ``device`` current (CUDA) and gets
     torch's current stream on it. ``workspace=(query, sizes)`` asks ``k2._C.<query>(*sizes, device_type,
     device_index)`` for the kernel's scratch bytes, allocates them here as a uint8 tensor through torch's caching
-    allocator (stream-ordered, freed when the call returns even if it raises) and passes it before the stream.
+    allocator (stream-ordered, freed when the call returns even if it raises) and passes it before the stream, or
+    None when the query says 0 bytes.
     """
-    mod = _native_module
+    if device.type != "cuda":  # CPU work: no device to make current and no stream (this runs on every launch)
+        _launch(fn, device, args, workspace, 0)
+        return
     with device_guard(device):
-        if workspace is not None:
-            query, sizes = workspace
-            nbytes = getattr(mod, query)(*sizes, device.type, device.index or 0)
-            args = (*args, torch.empty(nbytes, dtype=torch.uint8, device=device))
-        getattr(mod, fn)(*(view(a) if isinstance(a, torch.Tensor) else a for a in args), stream(device))
+        _launch(fn, device, args, workspace, stream(device))
+
+
+def _launch(
+    fn: str, device: torch.device, args: tuple, workspace: tuple[str, Sequence[object]] | None, stream_handle: int
+) -> None:
+    mod = _native_module
+    if workspace is not None:
+        query, sizes = workspace
+        nbytes = getattr(mod, query)(*sizes, device.type, device.index or 0)
+        # alive in `args` until the call returns; None: no scratch needed (the native side passes an empty one)
+        args = (*args, torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None)
+    getattr(mod, fn)(*[view(a) if isinstance(a, torch.Tensor) else a for a in args], stream_handle)
 
 
 _AUTOCAST_LIB = torch.library.Library("k2", "FRAGMENT")
