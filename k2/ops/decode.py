@@ -42,14 +42,14 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_MAX_DIM, _CUDA_MAX_RANK, _CUDA_MAX_BATCH = 1152, 1024, 65535
 
 
-def _kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int) -> bool:
+def _kernel(q: torch.Tensor, cache: torch.Tensor, kv_lora_rank: int, device: torch.device) -> bool:
     if q.dtype not in _KERNEL_DTYPES or cache.dtype != q.dtype:
         return False
-    if q.device.type == "cuda" and (
+    if device.type == "cuda" and (
         q.shape[2] > _CUDA_MAX_DIM or kv_lora_rank > _CUDA_MAX_RANK or q.shape[0] > _CUDA_MAX_BATCH
     ):
         return False
-    return _native.kernel_module(_FAMILY, q.device, q) is not None
+    return _native.kernel_module(_FAMILY, device) is not None  # the dtype is one the kernels take (checked above)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -72,19 +72,20 @@ def _mla_decode(
     q_latent: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor, softmax_scale: float, kv_lora_rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, _ = q_latent.shape
-    if not _kernel(q_latent, cache, kv_lora_rank):
-        if lengths.device.type == "cpu":  # the CPU kernel checks lengths itself; the reference would clamp them
+    device = q_latent.device
+    if not _kernel(q_latent, cache, kv_lora_rank, device):
+        if device.type == "cpu":  # the CPU kernel checks lengths itself; the reference would clamp them
             _check_lengths(lengths, cache.shape[1])
         return reference.mla_decode(q_latent, cache, lengths, softmax_scale, kv_lora_rank)
     q_latent, cache = _last_dim_contiguous(q_latent), _last_dim_contiguous(cache)
     o = q_latent.new_empty(batch, heads, kv_lora_rank)
-    lse = torch.empty(batch, heads, dtype=torch.float32, device=q_latent.device)
+    lse = q_latent.new_empty(batch, heads, dtype=torch.float32)
     _native.call(
         "mla_decode",
-        q_latent.device,
+        device,
         q_latent,
         cache,
-        lengths.contiguous(),
+        lengths if lengths.is_contiguous() else lengths.contiguous(),
         o,
         lse,
         softmax_scale,
@@ -123,38 +124,45 @@ def mla_decode(
     Returns:
         ``(o_latent [B, H, r]`` in the input dtype, ``lse [B, H]`` fp32).
     """
-    for name, t in (("q_latent", q_latent), ("cache", cache)):
-        if t.dim() != 3:
-            _fail(name, f"expected a 3-D tensor, got shape {tuple(t.shape)}")
+    # NOTE: every decode step runs this once per layer, so each property is read once (a tensor's .device builds a
+    # new object per read).
+    q_shape, c_shape, l_shape = q_latent.shape, cache.shape, lengths.shape
+    dtype, device = q_latent.dtype, q_latent.device
+    for name, shape, t in (("q_latent", q_shape, q_latent), ("cache", c_shape, cache)):
+        if len(shape) != 3:
+            _fail(name, f"expected a 3-D tensor, got shape {tuple(shape)}")
         if not t.is_floating_point():
             _fail(name, f"expected a floating-point tensor, got {t.dtype}")
-    batch, heads, dim = q_latent.shape
+    batch, heads, dim = q_shape
     if heads < 1:
-        _fail("q_latent", f"expected H >= 1, got shape {tuple(q_latent.shape)}")
+        _fail("q_latent", f"expected H >= 1, got shape {tuple(q_shape)}")
     if isinstance(kv_lora_rank, bool) or not isinstance(kv_lora_rank, int) or not 1 <= kv_lora_rank <= dim:
         _fail("kv_lora_rank", f"expected an int in [1, r + dr = {dim}], got {kv_lora_rank!r}")
-    if cache.shape[0] != batch or cache.shape[2] != dim:
-        _fail("cache", f"expected [B, T_max, r + dr] = [{batch}, T_max, {dim}], got {tuple(cache.shape)}")
-    if cache.dtype != q_latent.dtype:
-        _fail("cache", f"expected q_latent's dtype {q_latent.dtype}, got {cache.dtype}")
-    if cache.device != q_latent.device:
-        _fail("cache", f"expected q_latent's device {q_latent.device}, got {cache.device}")
-    if lengths.dim() != 1 or lengths.dtype != torch.int32 or lengths.shape[0] != batch:
-        _fail("lengths", f"expected an int32 tensor [B] = [{batch}], got {lengths.dtype}{list(lengths.shape)}")
-    if lengths.device != q_latent.device:
-        _fail("lengths", f"expected q_latent's device {q_latent.device}, got {lengths.device}")
+    if c_shape[0] != batch or c_shape[2] != dim:
+        _fail("cache", f"expected [B, T_max, r + dr] = [{batch}, T_max, {dim}], got {tuple(c_shape)}")
+    if cache.dtype != dtype:
+        _fail("cache", f"expected q_latent's dtype {dtype}, got {cache.dtype}")
+    if cache.device != device:
+        _fail("cache", f"expected q_latent's device {device}, got {cache.device}")
+    if len(l_shape) != 1 or lengths.dtype != torch.int32 or l_shape[0] != batch:
+        _fail("lengths", f"expected an int32 tensor [B] = [{batch}], got {lengths.dtype}{list(l_shape)}")
+    if lengths.device != device:
+        _fail("lengths", f"expected q_latent's device {device}, got {lengths.device}")
     if not math.isfinite(float(softmax_scale)):
         _fail("softmax_scale", f"expected a finite number, got {softmax_scale}")
     op = _mla_decode._init_fn if _plain_eager(q_latent, cache, lengths) else _mla_decode
     return op(q_latent, cache, lengths, float(softmax_scale), int(kv_lora_rank))
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
+def _plain_eager(q_latent: torch.Tensor, cache: torch.Tensor, lengths: torch.Tensor) -> bool:
     """Plain tensors, no tracing and no dispatch mode: the op's body may run without the dispatcher, which has nothing
     to add here (no autograd, no autocast rule) but costs tens of microseconds per call — per layer of every decode
     step, comparable to the attention itself for a small model on a CPU."""
+    plain = torch.Tensor
     return (
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
-        and all(type(t) is torch.Tensor for t in tensors)
+        and type(q_latent) is plain
+        and type(cache) is plain
+        and type(lengths) is plain
     )
