@@ -150,9 +150,13 @@ class MLA(KeepFP32Buffers):
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, r)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]  # [H, dn, r], [H, dv, r]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), w_uk)  # [H, B, dn] @ [H, dn, r] → [H, B, r]
-        q_cat = torch.cat((q_lat.transpose(0, 1), q_rope[:, 0]), -1).to(kv.dtype)  # [B, H, r + dr]
+        q_cat = torch.cat((q_lat.transpose(0, 1), q_rope[:, 0]), -1)  # [B, H, r + dr]
+        if q_cat.dtype != kv.dtype:  # a cache kept in another precision than the weights
+            q_cat = q_cat.to(kv.dtype)
         o_lat, _ = mla_decode(q_cat, kv, lengths, softmax_scale=self.softmax_scale, kv_lora_rank=r)  # [B, H, r]
-        o = torch.bmm(o_lat.transpose(0, 1).to(w_uv.dtype), w_uv.transpose(1, 2))  # [H, B, r] @ [H, r, dv]
+        if o_lat.dtype != w_uv.dtype:
+            o_lat = o_lat.to(w_uv.dtype)
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, r] @ [H, r, dv]
         return o.transpose(0, 1)[:, None]  # [B, 1, H, dv]
 
 

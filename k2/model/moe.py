@@ -1,4 +1,4 @@
-"""Router, routed experts and the MoE layer (DeepSeek-V3 §2.1.2; k2-reference §2.3), plus the dense MLP.
+"""Router, routed experts and the MoE layer (DeepSeek-V3 §2.1.2; Kimi K2 report §2.3), plus the dense MLP.
 
 Dimension legend: B batch, S sequence, T tokens (B·S), D model dim, E routed experts, K experts per token,
 F expert FFN width.
@@ -14,7 +14,7 @@ per-expert Python loop, experts with no tokens cost nothing. ``Experts`` owns th
 (sort, GEMMs, weighted combine), so expert parallelism replaces that one submodule from outside.
 
 Load balancing, both outside the gradient of the main loss:
-- aux-loss-free (DeepSeek-V3, Moonlight): the layer records ``tokens_per_expert [E]`` each forward; the trainer
+- aux-loss-free (DeepSeek-V3, Moonlight): the layer records ``tokens_per_expert [E]`` each training forward; the trainer
   calls ``Transformer.update_expert_bias(rate)`` which applies ``b_e += rate · sign(mean_load − load_e)``.
 - sequence-wise auxiliary loss (DeepSeek-V3 eq. 17–20) when ``aux_loss_alpha > 0`` in training:
   ``alpha · mean_b Σ_e f_e P_e`` with ``f_e = E/(K·S) · #tokens of the sequence routed to e`` and ``P_e`` the
@@ -63,22 +63,29 @@ class Router(KeepFP32Buffers):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [T, D]`` → ``topk_ids [T, K]`` (int64), ``topk_weights [T, K]`` fp32, ``scores [T, E]`` fp32."""
-        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would recast the fp32 GEMM to bf16
-            logits = F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
-            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        with torch.no_grad():
-            choice = scores + self.e_score_correction_bias  # [T, E], selection only
-            if self.n_group > 1:
-                grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # [T, G, E/G]
-                group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
-                keep = torch.zeros_like(group_scores, dtype=torch.bool)
-                keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
-                choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
-            topk_ids = choice.topk(self.top_k, dim=-1).indices  # [T, K]
+        logits = _fp32_linear(x_TD, self.weight)  # [T, E] fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias  # [T, E], selection only (no gradient)
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)  # [T, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        topk_ids = choice.topk(self.top_k, dim=-1).indices  # [T, K]
         weights = scores.gather(1, topk_ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return topk_ids, weights * self.routed_scaling_factor, scores
+
+
+def _fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x·wᵀ`` in fp32, also under autocast (which would recast the GEMM to bf16). The context is entered only when
+    autocast is on: entering it costs more than the router's GEMM in a decode step."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), w.float())
+    return F.linear(x.float(), w.float())
 
 
 class Experts(nn.Module):
@@ -162,10 +169,13 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, d)
         topk_ids, topk_weights, scores = self.gate(x_TD)  # [T, K], [T, K], [T, E]
         y, tokens_per_expert = self.experts(x_TD, topk_ids, topk_weights)  # [T, D], [E]
-        self.tokens_per_expert = tokens_per_expert.detach()
-        self.aux_loss = None
-        if self.training and self.aux_loss_alpha > 0:
-            self.aux_loss = self.sequence_aux_loss(scores.view(b, s, -1), topk_ids.view(b, s, -1))
+        if self.training:  # what the trainer reads; inference records nothing (as MLA's max logits)
+            self.tokens_per_expert = tokens_per_expert.detach()
+            self.aux_loss = None
+            if self.aux_loss_alpha > 0:
+                self.aux_loss = self.sequence_aux_loss(scores.view(b, s, -1), topk_ids.view(b, s, -1))
+        elif self.aux_loss is not None:  # a training forward's loss must not outlive it
+            self.aux_loss = None
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
         return y.view(b, s, d)

@@ -32,9 +32,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # fp32 math; the casts are skipped for fp32 inputs (a decode step runs several norms per layer)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -70,20 +71,29 @@ def rope_frequencies(config: ModelConfig) -> tuple[list[float], float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes ``(cos, sin) [B, S, dr/2]`` for positions; frequencies are recomputed per call (dr/2 values),
-    so the module holds no buffer and works unchanged after meta-device construction."""
+    """Computes ``(cos, sin) [B, S, dr/2]`` for positions. The frequencies are a Python list turned into a tensor on
+    first use on each device, so the module holds no buffer and works unchanged after meta-device construction."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.inv_freq, self.multiplier = rope_frequencies(config)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=positions.device)
-        angles = positions.float()[..., None] * inv_freq  # [B, S, dr/2]
+        angles = positions.float()[..., None] * self._inv_freq(positions.device)  # [B, S, dr/2]
         cos, sin = angles.cos(), angles.sin()
         if self.multiplier != 1.0:
             cos, sin = cos * self.multiplier, sin * self.multiplier
-        return cos.to(dtype), sin.to(dtype)
+        if dtype != torch.float32:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        """``[dr/2]`` fp32 on ``device``, built once per device (a decode step would otherwise copy it every token)."""
+        cached = self._inv_freq_on.get(device)
+        if cached is None:
+            cached = self._inv_freq_on[device] = torch.tensor(self.inv_freq, dtype=torch.float32, device=device)
+        return cached
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ class Transformer(nn.Module):
             attn.max_logits.fill_(float("-inf"))
 
     def expert_load(self) -> torch.Tensor:
-        """``[n_moe_layers, E]`` int64 tokens routed to each expert in the last forward."""
+        """``[n_moe_layers, E]`` int64 tokens routed to each expert in the last training-mode forward."""
         loads = [moe.tokens_per_expert for moe in self.moe_layers()]
         if not loads:
             return torch.zeros(0, self.config.n_routed_experts, dtype=torch.long)
