@@ -3,6 +3,7 @@ tensors bit-identical to the trainer's."""
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from k2.model import Transformer, presets
-from k2.rl.weight_sync import BroadcastReceiver, BroadcastSender, ColocatedSync, plan_buckets
+from k2.rl.weight_sync import BroadcastReceiver, BroadcastSender, ColocatedSync, plan_buckets, sync_group
 
 TINY = presets.get("tiny").replace(num_hidden_layers=2, vocab_size=128)
 
@@ -60,10 +61,18 @@ def _worker(rank: int, init_file: str, out_dir: str, rounds: int, receiver_dtype
     import torch.distributed as dist
 
     torch.set_num_threads(2)  # the threaded copies
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    group = None  # fp32: the default group; bf16: a group of its own
+    if receiver_dtype == torch.float32:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    else:
+        group = sync_group(f"file://{init_file}", rank, 2, datetime.timedelta(seconds=60))
     try:
         model = _model(rank, torch.float32 if rank == 0 else receiver_dtype)
-        side = BroadcastSender(model, bucket_bytes=30_000) if rank == 0 else BroadcastReceiver(model)
+        side = (
+            BroadcastSender(model, bucket_bytes=30_000, group=group)
+            if rank == 0
+            else BroadcastReceiver(model, group=group)
+        )
         packed = [item.copies is not None for item in side.items]
         assert any(packed) and (not all(packed) or receiver_dtype != torch.float32)  # in place and packed buckets
         for r in range(rounds):
@@ -80,14 +89,16 @@ def _worker(rank: int, init_file: str, out_dir: str, rounds: int, receiver_dtype
         else:
             assert side.wait() is None
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("receiver_dtype", [torch.float32, torch.bfloat16])
 def test_broadcast_sync_two_processes_bit_identical(tmp_path, receiver_dtype):
-    """fp32 → fp32 sends the large tensors in place and packs the small ones; fp32 → bf16 unpacks every bucket with
-    a cast. Sync ids arrive with each sync, and a closed sender ends the receiver's wait."""
+    """fp32 → fp32 (the default group) sends the large tensors in place and packs the small ones; fp32 → bf16 (a
+    ``sync_group`` of its own) unpacks every bucket with a cast. Sync ids arrive with each sync, and a closed sender
+    ends the receiver's wait."""
     ctx = mp.get_context("spawn")
     args = (str(tmp_path / "init"), str(tmp_path), 2, receiver_dtype)
     procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(2)]

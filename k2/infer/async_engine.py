@@ -5,6 +5,11 @@ thread produces them; concurrent callers therefore share every prefill and decod
 The worker blocks on an event while idle. A caller that stops iterating (a client that disconnects) aborts its
 request, freeing its cache slot. If a forward raises, every request in flight receives the exception and the
 worker goes on serving new requests.
+
+:meth:`AsyncEngine.pause` (used while new weights load, see ``k2.rl.serve_sync``) returns once the worker is
+between two steps and keeps it there until :meth:`AsyncEngine.resume`: no request is admitted and no forward runs.
+New requests queue meanwhile; running ones keep their cache slot and, after the resume, continue on the new
+weights (their cached latents of earlier tokens stay those of the old ones).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from k2.infer.engine import Engine, SamplingParams, TokenEvent
 
@@ -28,6 +33,8 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopped = False
+        self._paused = False
+        self._parked = threading.Event()  # set by the worker while it honours a pause
         self._thread = threading.Thread(target=self._run, name="k2-engine", daemon=True)
         self._thread.start()
 
@@ -65,6 +72,30 @@ class AsyncEngine:
                     self._aborts.append(request_id)
                 self._wake.set()
 
+    def pause(self) -> None:
+        """Stop admitting and stepping; returns once the worker is parked between two steps."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("AsyncEngine.pause: the engine has been shut down")
+            self._paused = True
+        self._wake.set()
+        self._parked.wait()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._parked.clear()
+        self._wake.set()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """:meth:`pause` for the duration of the block."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def shutdown(self) -> None:
         with self._lock:
             self._stopped = True
@@ -87,10 +118,18 @@ class AsyncEngine:
             with self._lock:
                 if self._stopped:
                     return
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-                for request_id in aborts:
-                    self._sinks.pop(request_id, None)
+                if self._paused:
+                    self._parked.set()
+                    inbox = None
+                else:
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                    for request_id in aborts:
+                        self._sinks.pop(request_id, None)
+            if inbox is None:
+                self._wake.wait()
+                self._wake.clear()
+                continue
             for request_id in aborts:
                 engine.abort(request_id)
             for request_id, prompt, params in inbox:

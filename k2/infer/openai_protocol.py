@@ -1,5 +1,6 @@
 """The OpenAI chat-completions protocol over the Kimi-K2 chat format: request schema, prompt building, output
-constraints, and the response / streaming-chunk builders, independent of the HTTP server and of the engine.
+constraints, and the response / streaming-chunk builders, independent of the HTTP server and of the engine; and the
+legacy ``/v1/completions`` in vLLM's form for token ids (:class:`CompletionRequest`), which RL rollouts use.
 
 Prompt: ``k2.data.chat.render(messages, tools=..., add_generation_prompt=True)``. Output constraints are grammars
 (``k2.infer.grammar``, enforced by the engine token by token; see :func:`request_grammar`):
@@ -29,6 +30,14 @@ into content and ``tool_calls`` (finish reason ``"tool_calls"``); call arguments
 JSON string argument may hold any special-token string. If no call parses but the parser reports errors (a
 completion cut by ``max_tokens``), the whole text is returned as content, so nothing the model wrote is dropped.
 
+``/v1/completions`` (no chat template, no grammar): ``prompt`` is a string, a list of token ids, or a list of either
+(a batch; choice ``p·n + i`` is sample ``i`` of prompt ``p``); the engine stops on the tokenizer's ``[EOS]`` and on
+``stop_token_ids`` (the stop token is the last of the choice's tokens and left out of its ``text``), on ``stop``
+strings, or after ``max_tokens`` (default 16, as OpenAI's). ``logprobs: N`` returns OpenAI's legacy
+``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` with the N most likely tokens and the sampled one
+in each ``top_logprobs`` entry; with ``return_tokens_as_token_ids`` every token is written ``"token_id:ID"``, so a
+client reads back the exact ids sampled. ``stream`` and ``echo`` are not implemented (400).
+
 Log-probs are the model's (before the grammar mask, temperature and filters; see ``k2.infer.sampling``): a token the
 grammar forces may have a low log-prob.
 """
@@ -54,6 +63,13 @@ from k2.infer.engine import SamplingParams, TokenEvent
 log = logging.getLogger("k2.serve")
 
 _MARKERS = (chat.SECTION_BEGIN, chat.CALL_BEGIN)
+
+
+def _stops(v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError("stop must be a non-empty string or a list of at most 4 non-empty strings")
+    return stops
 
 
 class NamedFunction(BaseModel):
@@ -133,10 +149,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of at most 4 non-empty strings")
-        return stops
+        return _stops(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -149,6 +162,87 @@ class ChatCompletionRequest(BaseModel):
             if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
                 raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
         return self
+
+
+class CompletionRequest(BaseModel):
+    """``/v1/completions``: OpenAI's fields k2 implements and vLLM's ``stop_token_ids``,
+    ``return_tokens_as_token_ids``; ``top_k`` is an extension. Other fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: list[list[int]] | list[int] | list[str] | str
+    max_tokens: int = Field(16, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    stream: bool = False
+    echo: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return _stops(v)
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        batch = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        if not batch or any(isinstance(p, (list, str)) and not p for p in batch):
+            raise ValueError("prompt must not be empty (nor any prompt of a batch)")
+        for flag in ("stream", "echo"):
+            if getattr(self, flag):
+                raise ValueError(f"{flag} is not implemented for /v1/completions")
+        return self
+
+    def prompts(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """The prompts as token ids (strings encoded without special tokens)."""
+        batch = self.prompt if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int) else [self.prompt]
+        return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in batch]
+
+
+def completion_sampling_params(req: CompletionRequest, tokenizer: Tokenizer, room: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per choice of one prompt (``room``: tokens left in the context); choice ``i`` of a
+    seeded request uses seed ``seed + i``."""
+    stop_ids = (tokenizer.eos_id, *(req.stop_token_ids or ()))
+    return [
+        SamplingParams(
+            max_new_tokens=min(req.max_tokens, room),
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            seed=None if req.seed is None else req.seed + i,
+            stop=tuple(req.stop),
+            stop_token_ids=stop_ids,
+            top_logprobs=req.logprobs or 0,
+        )
+        for i in range(req.n)
+    ]
+
+
+def completion_logprobs(tokenizer: Tokenizer, events: Sequence[TokenEvent], as_ids: bool) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object of one choice; ``as_ids``: tokens written ``"token_id:ID"``."""
+
+    def name(token_id: int) -> str:
+        return f"token_id:{token_id}" if as_ids else tokenizer.decode_bytes([token_id]).decode("utf-8", "replace")
+
+    tokens = [name(ev.token_id) for ev in events]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    top = [{**{name(i): lp for i, lp in ev.top_logprobs}, name(ev.token_id): ev.logprob} for ev in events]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [ev.logprob for ev in events],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
 def _tool_name(tool: Mapping[str, Any]) -> str | None:

@@ -3,7 +3,9 @@
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` (``tools``,
 ``tool_choice``, ``parallel_tool_calls``, ``response_format``, ``n``, ``temperature``, ``top_p``, ``top_k``,
 ``max_tokens`` / ``max_completion_tokens``, ``stop``, ``seed``, ``logprobs`` / ``top_logprobs``, ``stream`` with
-``stream_options.include_usage``), and ``GET /health``. Protocol details (prompt rendering, tool choice, output
+``stream_options.include_usage``), ``POST /v1/completions`` (vLLM's form for token ids: ``prompt`` as ids,
+``stop_token_ids``, ``logprobs``, ``return_tokens_as_token_ids``; see ``k2.infer.openai_protocol``), and
+``GET /health``. Protocol details (prompt rendering, tool choice, output
 grammars, parsing) are in ``k2.infer.openai_protocol``.
 
 The engine is anything with ``tokenizer``, ``max_seq_len`` and ``async generate(prompt_ids, SamplingParams) ->
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -37,8 +40,11 @@ from k2.infer.engine import SamplingParams, TokenEvent
 from k2.infer.openai_protocol import (
     ChatCompletionRequest,
     ChoiceStream,
+    CompletionRequest,
     build_choice,
     build_prompt,
+    completion_logprobs,
+    completion_sampling_params,
     logprobs_content,
     sampling_params,
     sse,
@@ -157,6 +163,44 @@ def create_app(engine: GenerationEngine, model_name: str) -> FastAPI:
             "usage": _usage(len(prompt.ids), completion_tokens),
         }
 
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.model != model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+        tokenizer = engine.tokenizer
+        prompts = req.prompts(tokenizer)
+        jobs = []
+        for ids in prompts:
+            room = engine.max_seq_len - len(ids)
+            if room < 1:
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {engine.max_seq_len} tokens; the prompt has {len(ids)} "
+                    "tokens, which leaves no room to generate",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            jobs += [_collect(engine, ids, p) for p in completion_sampling_params(req, tokenizer, room)]
+        results = await asyncio.gather(*jobs)
+        as_ids = req.return_tokens_as_token_ids
+        choices = [
+            {
+                "index": i,
+                "text": "".join(ev.text for ev in events),
+                "logprobs": None if req.logprobs is None else completion_logprobs(tokenizer, events, as_ids),
+                "finish_reason": events[-1].finish_reason,
+            }
+            for i, events in enumerate(results)
+        ]
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": _usage(sum(map(len, prompts)), sum(len(events) for events in results)),
+        }
+
     return app
 
 
@@ -243,14 +287,18 @@ def serve(
     *,
     on_ready: Callable[[str], None] | None = None,
     log_level: str = "warning",
+    stop: threading.Event | None = None,
 ) -> None:
-    """Run ``app`` with uvicorn until interrupted; ``on_ready(url)`` is called once the socket listens."""
+    """Run ``app`` with uvicorn until interrupted or ``stop`` is set; ``on_ready(url)`` is called once the socket
+    listens."""
     import uvicorn
 
     sock = bind_socket(host, port)
     bound = sock.getsockname()[1]
     url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+    if stop is not None:
+        threading.Thread(target=lambda: stop.wait() and setattr(server, "should_exit", True), daemon=True).start()
     if on_ready is not None:
         on_ready(url)
     server.run(sockets=[sock])

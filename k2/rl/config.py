@@ -64,7 +64,11 @@ class RLSection:
     reset_optimizer: bool = True  # K1.5: fresh optimizer state every iteration
     max_turns: int = 3  # assistant turns per episode in tool environments
     heldout_problems: int = 64  # held-out problems scored (greedy) before and after; 0 = none
-    max_batch_size: int = 64  # engine slots (concurrent episodes)
+    max_batch_size: int = 64  # engine slots (concurrent episodes), per rollout server with rollout = "servers"
+    # Where rollouts run: "colocated" = a k2 Engine in the trainer's process (weights copied after each update);
+    # "servers" = rollout_servers `k2 serve` processes on loopback (weights broadcast after each update).
+    rollout: Literal["colocated", "servers"] = "colocated"
+    rollout_servers: int = 1
     sync_bucket_mb: int = 64  # weight-sync bucket size
     seed: int = 0
 
@@ -166,6 +170,7 @@ def validate(config: RLConfig) -> None:
         "rl.temperature_end": r.temperature_end,
         "rl.max_turns": r.max_turns,
         "rl.max_batch_size": r.max_batch_size,
+        "rl.rollout_servers": r.rollout_servers,
         "rl.sync_bucket_mb": r.sync_bucket_mb,
         "train.micro_batch": config.train.micro_batch,
         "train.log_every": config.train.log_every,
@@ -195,6 +200,11 @@ def validate(config: RLConfig) -> None:
     for name in config.budgets():
         if name not in names:
             raise ConfigError(f"rl.token_budgets names {name!r}, which is not in rl.envs ({r.envs})")
+    if r.rollout == "servers" and r.rollout_budget > 0:
+        raise ConfigError(
+            "rl.rollout_budget > 0 (partial rollouts) needs rl.rollout = colocated: a paused request's sampling "
+            "state does not travel over HTTP"
+        )
     if r.reward and ":" not in r.reward:
         raise ConfigError(f"rl.reward: expected module:function, got {r.reward!r}")
 

@@ -13,7 +13,11 @@ One iteration i:
    engine's vs the trainer's, max and mean |Δ| over this iteration's tokens, is logged), then
    ``rl.updates_per_iteration`` MuonClip steps on ``k15_loss`` (π_old = the engine's per-token log-probs of
    whichever policy sampled each part) plus ``rl.ptx_weight`` × the PTX loss on curated chat data;
-4. weight sync into the engine (``k2.rl.weight_sync.ColocatedSync``: bucketed, no full-model temporary);
+4. weight sync into the engine: ``rl.rollout = "colocated"`` (default): a k2 ``Engine`` in this process with its own
+   copy of the model, refreshed by ``k2.rl.weight_sync.ColocatedSync`` (no full-model temporary); ``"servers"``:
+   ``rl.rollout_servers`` ``k2 serve`` processes on loopback (``k2.rl.remote``), sampled through ``/v1/completions``
+   with token ids in and out, and refreshed by a bucketed broadcast (``BroadcastSender``) that each server loads
+   with its engine paused; the same episode logic (``k2.rl.rollout``) drives both;
 5. metrics; a checkpoint every ``train.checkpoint_every`` iterations (model, optimizer, replay buffer, counters;
    every random draw is seeded from ``rl.seed`` and the iteration, so ``--resume`` continues exactly).
 
@@ -26,6 +30,7 @@ bias is not updated during RL (the router bias of the starting checkpoint is kep
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -33,6 +38,7 @@ import os
 import random
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +59,8 @@ from k2.train.loop import HF_DIR, autocast_dtype, build_optimizer, default_run_d
 from k2.train.metrics import METRICS_FILE, MetricsLogger, Progress
 
 SUMMARY_FILE = "summary.json"
+SERVERS_DIR = "servers"  # rollout servers' logs and port files
+MAX_SEQ_LEN = 4096  # tokens per episode context (at most the model's max_position_embeddings)
 
 
 # ---- the starting checkpoint ----------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def _pad(rows: list[list[int]], value: int, device) -> torch.Tensor:
 # ---- evaluation -----------------------------------------------------------------------------------------------
 
 
-def heldout_accuracy(engine: Engine, make_env, problems: int, seed: int, config: RLConfig, stop_ids) -> float:
+def heldout_accuracy(engine: R.RolloutEngine, make_env, problems: int, seed: int, config: RLConfig, stop_ids) -> float:
     """Greedy episodes on ``problems`` held-out problems; the fraction with reward 1."""
     if problems == 0:
         return float("nan")
@@ -215,11 +223,9 @@ def _train(config: RLConfig, run_dir: Path | None, resume: bool, reward: RewardF
     amp = autocast_dtype(device, config.train.precision)
     reward_fn = reward or load_reward(r.reward)
     model, tok = load_checkpoint(model_path, device=str(device))
-    engine_model, _ = load_checkpoint(model_path, device=str(device))
     model.train()
     optimizer = build_optimizer(model, config)  # type: ignore[arg-type]  # reads config.optim only
-    engine = Engine(engine_model, tok, max_batch_size=r.max_batch_size)
-    sync = ColocatedSync(model, engine_model, bucket_bytes=r.sync_bucket_mb << 20)
+    max_seq_len = min(MAX_SEQ_LEN, model.config.max_position_embeddings)
     stop_ids = chat.stop_token_ids(tok)
     names = config.env_names()
     budgets = config.budgets()
@@ -228,7 +234,7 @@ def _train(config: RLConfig, run_dir: Path | None, resume: bool, reward: RewardF
         name = name or names[index % len(names)]
         return name, builtin_env(name, tok, reward=reward_fn, heldout=heldout, max_turns=r.max_turns)
 
-    ptx = ptx_rows(config, tok, engine.max_seq_len)
+    ptx = ptx_rows(config, tok, max_seq_len)
     buffer = R.ReplayBuffer(r.samples_per_prompt, r.max_staleness)
     state: dict[str, Any] = {"iteration": 0, "next_group": 0, "replay": "[]", "history": "[]", "before": "null"}
     if resume and (latest := ckpt.latest_checkpoint(run_dir)) is not None:
@@ -236,60 +242,61 @@ def _train(config: RLConfig, run_dir: Path | None, resume: bool, reward: RewardF
         buffer.load_state_dict(json.loads(state["replay"]))
     if state["iteration"] >= r.iterations:
         raise ConfigError(f"the run in {run_dir} already did {state['iteration']} iterations; raise rl.iterations")
-    sync.sync()
-    history: list[dict[str, float]] = json.loads(state["history"])
-    before = json.loads(state["before"])
-    if before is None:
-        before = heldout_accuracy(engine, make_env, r.heldout_problems, r.seed, config, stop_ids)
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir)
-    logger = MetricsLogger(run_dir, start_step=state["iteration"])
-    progress = Progress(total=r.iterations, initial=state["iteration"], log_every=config.train.log_every)
-    if state["iteration"] == 0:
-        logger.log({"kind": "eval", "step": 0, "heldout_accuracy": before})
-    try:
-        while state["iteration"] < r.iterations:
-            it = state["iteration"]
-            record = _iteration(
-                config,
-                it,
-                state,
-                model,
-                optimizer,
-                engine,
-                sync,
-                buffer,
-                make_env,
-                ptx,
-                stop_ids,
-                budgets,
-                device,
-                amp,
-            )
-            state["iteration"] = it + 1
-            history.append({"reward": record["reward_mean"]})
-            logger.log(record)
-            progress.update(
-                it + 1,
-                loss=record["loss"],
-                tokens_per_s=record["rollout_tokens_per_s"],
-                eta_s=record["iteration_s"] * (r.iterations - it - 1),
-                extra=f", reward {record['reward_mean']:.3f}, T {record['temperature']:.2f}",
-            )
-            every = config.train.checkpoint_every
-            if (every and (it + 1) % every == 0) or it + 1 == r.iterations:
-                state.update(
-                    replay=json.dumps(buffer.state_dict()), history=json.dumps(history), before=json.dumps(before)
+    with _rollout_engine(config, model_path, model, device, max_seq_len, run_dir) as (engine, sync):
+        sync.sync()  # the engine starts from the trainer's weights (the latest checkpoint's on --resume)
+        history: list[dict[str, float]] = json.loads(state["history"])
+        before = json.loads(state["before"])
+        if before is None:
+            before = heldout_accuracy(engine, make_env, r.heldout_problems, r.seed, config, stop_ids)
+
+        config.save(run_dir)
+        logger = MetricsLogger(run_dir, start_step=state["iteration"])
+        progress = Progress(total=r.iterations, initial=state["iteration"], log_every=config.train.log_every)
+        if state["iteration"] == 0:
+            logger.log({"kind": "eval", "step": 0, "heldout_accuracy": before})
+        try:
+            while state["iteration"] < r.iterations:
+                it = state["iteration"]
+                record = _iteration(
+                    config,
+                    it,
+                    state,
+                    model,
+                    optimizer,
+                    engine,
+                    sync,
+                    buffer,
+                    make_env,
+                    ptx,
+                    stop_ids,
+                    budgets,
+                    device,
+                    amp,
                 )
-                ckpt.save_checkpoint(
-                    run_dir, it + 1, model, optimizer, dict(state), keep_last=config.checkpoint.keep_last
+                state["iteration"] = it + 1
+                history.append({"reward": record["reward_mean"]})
+                logger.log(record)
+                progress.update(
+                    it + 1,
+                    loss=record["loss"],
+                    tokens_per_s=record["rollout_tokens_per_s"],
+                    eta_s=record["iteration_s"] * (r.iterations - it - 1),
+                    extra=f", reward {record['reward_mean']:.3f}, T {record['temperature']:.2f}",
                 )
-        after = heldout_accuracy(engine, make_env, r.heldout_problems, r.seed, config, stop_ids)
-        logger.log({"kind": "eval", "step": r.iterations, "heldout_accuracy": after})
-    finally:
-        progress.close()
-        logger.close()
+                every = config.train.checkpoint_every
+                if (every and (it + 1) % every == 0) or it + 1 == r.iterations:
+                    state.update(
+                        replay=json.dumps(buffer.state_dict()), history=json.dumps(history), before=json.dumps(before)
+                    )
+                    ckpt.save_checkpoint(
+                        run_dir, it + 1, model, optimizer, dict(state), keep_last=config.checkpoint.keep_last
+                    )
+            after = heldout_accuracy(engine, make_env, r.heldout_problems, r.seed, config, stop_ids)
+            logger.log({"kind": "eval", "step": r.iterations, "heldout_accuracy": after})
+        finally:
+            progress.close()
+            logger.close()
 
     fifth = max(1, len(history) // 5)
     rewards = [h["reward"] for h in history]
@@ -309,6 +316,34 @@ def _train(config: RLConfig, run_dir: Path | None, resume: bool, reward: RewardF
     summary["files"] = _finish(config, run_dir, model, tok)
     _write_json(run_dir / SUMMARY_FILE, summary)
     return summary
+
+
+@contextlib.contextmanager
+def _rollout_engine(
+    config: RLConfig, model_path: Path, model, device, max_seq_len: int, run_dir: Path
+) -> Iterator[tuple[R.RolloutEngine, Any]]:
+    """``(engine, sync)`` of ``rl.rollout``: a k2 ``Engine`` on a second copy of the model with ``ColocatedSync``,
+    or ``rl.rollout_servers`` ``k2 serve`` processes (``RolloutServers``, stopped on exit, also on errors)."""
+    r = config.rl
+    if r.rollout == "colocated":
+        engine_model, tok = load_checkpoint(model_path, device=str(device))
+        engine = Engine(engine_model, tok, max_batch_size=r.max_batch_size, max_seq_len=max_seq_len)
+        yield engine, ColocatedSync(model, engine_model, bucket_bytes=r.sync_bucket_mb << 20)
+        return
+    from k2.rl.remote import RolloutServers
+
+    with RolloutServers(
+        model_path,
+        model,
+        r.rollout_servers,
+        run_dir / SERVERS_DIR,
+        device=str(device),
+        threads=max(1, config.train.threads),
+        max_batch_size=r.max_batch_size,
+        max_seq_len=max_seq_len,
+        bucket_bytes=r.sync_bucket_mb << 20,
+    ) as servers:
+        yield servers.engine, servers
 
 
 def _iteration(

@@ -7,9 +7,11 @@ context (rendered prompt, the policy's turns exactly as the engine sampled them,
 a 0/1 action mask (1 only on tokens the policy sampled), the engine's log-prob of every action token and the
 policy version (iteration) that sampled it. Training uses these ids as they are; nothing is re-tokenised.
 
-:func:`rollout` drives a ``k2.infer.Engine`` over many episodes at once (continuous batching): each running turn
-is one engine request; when it ends (a stop id, or its share of the per-response token budget), the turn's ids go
-to ``env.step`` and either the episode ends or the observation is appended and the next turn is queued.
+:func:`rollout` drives an engine over many episodes at once (continuous batching): a ``k2.infer.Engine`` in the
+trainer's process, or ``k2.rl.remote.RemoteEngine`` over rollout servers (both are a :class:`RolloutEngine`). Each
+running turn is one engine request; when it ends (a stop id, or its share of the per-response token budget), the
+turn's ids go to ``env.step`` and either the episode ends or the observation is appended and the next turn is
+queued.
 
 Partial rollouts: an iteration generates at most ``budget`` tokens in total. When it is spent, every running turn is
 paused: its tokens so far (with their log-probs and version) stay in the trajectory, and the sampling generator's
@@ -31,12 +33,24 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from k2.infer.engine import Engine, SamplingParams
+from k2.infer.engine import SamplingParams, TokenEvent
 from k2.rl.env import Env
+
+
+class RolloutEngine(Protocol):
+    """What :func:`rollout` needs of an engine. ``step`` returns the tokens generated since the last call (a request's
+    tokens in order, the last one with its ``finish_reason``); partial rollouts also call ``generator(request_id)``
+    (the request's ``torch.Generator``, whose state pauses and resumes it), which ``k2.infer.Engine`` has."""
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> str: ...
+
+    def step(self) -> list[TokenEvent]: ...
+
+    def abort(self, request_id: str) -> bool: ...
 
 
 def derive_seed(*parts: Any) -> int:
@@ -105,7 +119,7 @@ def _decode_state(text: str) -> torch.Tensor:
 
 
 def rollout(
-    engine: Engine,
+    engine: RolloutEngine,
     trajectories: Sequence[Trajectory],
     envs: dict[int, Env],
     *,
@@ -117,7 +131,7 @@ def rollout(
 ) -> RolloutStats:
     """Advance ``trajectories`` (new or paused; ``envs[id(trajectory)]`` is each one's environment, already reset or
     rebuilt) until each has ended or ``budget`` tokens have been generated in total (checked between engine steps, so up
-    to one step more); updates them in place.
+    to one step more); updates them in place. ``budget`` needs ``engine.generator`` (see :class:`RolloutEngine`).
     ``max_response_tokens(t)``: the episode's budget of action tokens over all its turns (the per-task budget);
     a turn that reaches it ends the episode as truncated."""
     stats = RolloutStats()

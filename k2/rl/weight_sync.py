@@ -9,7 +9,9 @@ Two modes:
   buffer, one transfer, then per-tensor copies into the destination). No full-model temporary is made; the extra
   memory is at most one bucket per dtype on each side.
 - :class:`BroadcastSender` / :class:`BroadcastReceiver`: the engine runs in other processes that share a
-  ``torch.distributed`` group with the trainer (gloo on CPU, NCCL on GPU). The metadata (names, shapes, dtypes,
+  ``torch.distributed`` group with the trainer (gloo on CPU, NCCL on GPU): the default group, or one of its own
+  (:func:`sync_group`, gloo), which leaves the default group to the trainer's own parallelism (its checkpoints,
+  for one, are collective over the default group). The metadata (names, shapes, dtypes,
   bucket layout) is broadcast once, at construction. Every sync is then: a header (sync id, or shutdown) from the
   trainer's rank; an acknowledgement from every rank once it is ready to load (a server pauses its engine first);
   the buckets, double-buffered (the sender packs bucket b+1 while bucket b is in flight, the receiver unpacks b
@@ -31,6 +33,8 @@ bias), so the engine's forward is the trainer's.
 
 from __future__ import annotations
 
+import datetime
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,6 +47,24 @@ DEFAULT_BUCKET_BYTES = 64 << 20
 CHUNK_BYTES = 4 << 20  # one unit of work of the threaded CPU copies
 
 _SHUTDOWN, _SYNC = 0, 1  # header commands
+
+
+def sync_group(init_method: str, rank: int, world_size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A gloo group of ``world_size`` processes for the weight sync alone, not the default group (and not
+    registered with ``torch.distributed``: pass it as ``group``). ``init_method``: ``tcp://HOST:PORT`` (rank 0
+    listens) or ``file://PATH``, as for ``torch.distributed.init_process_group``."""
+    store, _, _ = next(dist.rendezvous(init_method, rank, world_size, timeout=timeout))
+    return dist.ProcessGroupGloo(dist.PrefixStore("k2-weight-sync", store), rank, world_size, timeout)
+
+
+def _broadcast_object(obj: object, src: int, group, device: torch.device) -> object:
+    """``obj`` of rank ``src`` (pickled; ``None`` on the other ranks) on every rank of ``group``."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if group.rank() == src else None
+    size = torch.tensor([0 if data is None else data.numel()], dtype=torch.int64, device=device)
+    group.broadcast(size, src).wait()
+    buf = data.to(device) if data is not None else torch.empty(int(size[0]), dtype=torch.uint8, device=device)
+    group.broadcast(buf, src).wait()
+    return pickle.loads(buf.cpu().numpy().tobytes())
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -234,26 +256,28 @@ class _Broadcast:
             self.items.append(_Item(buf[: _bucket_numel(b)], _Copies(pairs, self._pool), slot))
 
     def _broadcast(self, t: torch.Tensor):
-        return dist.broadcast(t, src=self.src, group=self.group, async_op=True)
+        return self.group.broadcast(t, self.src)
 
     def _header(self, command: int, sync_id: int) -> tuple[int, int]:
         header = torch.tensor([command, sync_id], dtype=torch.int64, device=self.device)
-        dist.broadcast(header, src=self.src, group=self.group)
+        self._broadcast(header).wait()
         return int(header[0]), int(header[1])
 
     def _ack(self) -> None:
-        dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+        self.group.allreduce(torch.zeros(1, device=self.device)).wait()
 
 
 class BroadcastSender(_Broadcast):
-    """The trainer's side: ``model``'s tensors go to every rank of ``group`` from rank ``src`` (this process).
-    Construction broadcasts the metadata once (collective with :class:`BroadcastReceiver`)."""
+    """The trainer's side: ``model``'s tensors go to every rank of ``group`` (default: the default group) from rank
+    ``src`` (this process; a rank within ``group``). Construction broadcasts the metadata once (collective with
+    :class:`BroadcastReceiver`)."""
 
     def __init__(self, model: nn.Module, *, src: int = 0, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         tensors = _tensors(model)
         buckets = plan_buckets(tensors, bucket_bytes)
-        dist.broadcast_object_list([buckets], src=src, group=group)
         device = next(iter(tensors.values())).device
+        group = group or dist.group.WORLD
+        _broadcast_object(buckets, src, group, device)
         super().__init__(tensors, buckets, src, group, device, sending=True)
 
     def sync(self, sync_id: int = 0) -> None:
@@ -293,14 +317,13 @@ class BroadcastReceiver(_Broadcast):
     """A rollout process's side: receives into ``model``'s tensors (same names and shapes, any dtype)."""
 
     def __init__(self, model: nn.Module, *, src: int = 0, group=None) -> None:
-        holder: list = [None]
-        dist.broadcast_object_list(holder, src=src, group=group)
-        buckets: list[list[_Entry]] = holder[0]
         tensors = _tensors(model)
+        device = next(iter(tensors.values())).device
+        group = group or dist.group.WORLD
+        buckets: list[list[_Entry]] = _broadcast_object(None, src, group, device)
         for e in (e for b in buckets for e in b):
             if e.name not in tensors or tuple(tensors[e.name].shape) != e.shape:
                 raise ValueError(f"BroadcastReceiver: the sender's {e.name} {list(e.shape)} does not fit this model")
-        device = next(iter(tensors.values())).device
         super().__init__(tensors, buckets, src, group, device, sending=False)
 
     def wait(self) -> int | None:
