@@ -129,7 +129,9 @@ class Experts(nn.Module):
         x_sorted = x_TD[token]  # [T*K, D]
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         outs, start = [], 0
-        for e, n in zip(counts.nonzero()[:, 0].tolist(), counts[counts > 0].tolist(), strict=True):
+        for e, n in enumerate(counts.tolist()):  # one host read; the selected experts are the few with n > 0
+            if n == 0:
+                continue
             xe = x_sorted[start : start + n]
             act = F.silu(F.linear(xe, self.w_gate[e])) * F.linear(xe, self.w_up[e])  # [n, F]
             outs.append(F.linear(act, self.w_down[e]))  # [n, D]
