@@ -2,7 +2,7 @@
 engine (greedy and seeded, through the real ``openai`` client and plain HTTP); a server paused by a weight sync
 serves nothing until the whole model has arrived, then answers with the new weights; ``k2 rl`` with
 ``rl.rollout=servers`` end to end (log-prob mismatch ~0 after every sync although the weights move, no server
-process left afterwards)."""
+process left afterwards, --resume restarts the server with the run's latest weights)."""
 
 from __future__ import annotations
 
@@ -196,15 +196,21 @@ def test_k2_rl_with_a_rollout_server(checkpoint, tmp_path):
     ):  # fmt: skip
         args += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(
-        [sys.executable, "-m", "k2.cli", "rl", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def k2_rl(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "k2.cli", "rl", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    k2_rl(*args)
+    # --resume restarts the server from the starting checkpoint and sends it the run's latest weights.
+    k2_rl("--resume", str(run), "--set", "rl.iterations=3")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert len(train) == 2
-    # Iteration 2 samples on the server with the weights of iteration 1's update: the trainer's recomputed
-    # log-probs equal the server's, although the update moved them by far more than that.
+    assert [r["step"] for r in train] == [1, 2, 3]
+    # Iterations 2 and 3 sample on the server with the weights of the previous update: the trainer's recomputed
+    # log-probs equal the server's, although the updates moved them by far more than that.
     assert all(r["mismatch_max"] < 1e-4 for r in train), [r["mismatch_max"] for r in train]
     start, _ = load_checkpoint(checkpoint)
     final, _ = load_checkpoint(run / "hf")
