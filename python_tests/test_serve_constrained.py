@@ -194,4 +194,4 @@ def test_bad_schemas_are_400s_naming_the_param(client, kwargs, param, words):
         client.chat.completions.create(model=MODEL, messages=_user("hi"), max_tokens=2, **kwargs)
     assert e.value.status_code == 400 and e.value.param == param and words in e.value.message
     r = client.chat.completions.create(model=MODEL, messages=_user("still serving?"), max_tokens=2)
-    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].finish_reason in ("length", "stop")  # sampled: a random model may end within 2 tokens
