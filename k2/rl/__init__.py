@@ -22,10 +22,25 @@ _EXPORTS = {
     "ColocatedSync": "weight_sync",
     "BroadcastSender": "weight_sync",
     "BroadcastReceiver": "weight_sync",
+    "sync_group": "weight_sync",
+    "RolloutServers": "remote",
+    "RemoteEngine": "remote",
     "RLConfig": "config",
     "train": "loop",
 }
-_SUBMODULES = ("rewards", "sandbox", "loss", "env", "tasks", "rollout", "weight_sync", "config", "loop")
+_SUBMODULES = (
+    "rewards",
+    "sandbox",
+    "loss",
+    "env",
+    "tasks",
+    "rollout",
+    "weight_sync",
+    "remote",
+    "serve_sync",
+    "config",
+    "loop",
+)
 __all__ = [*_SUBMODULES, *_EXPORTS]
 
 
