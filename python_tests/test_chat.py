@@ -1,4 +1,4 @@
-"""Kimi-K2 chat format: rendering against a hand-written transcript (format of k2-reference §6 spelled out here),
+"""Kimi-K2 chat format: rendering against a hand-written transcript (the released Kimi-K2 format spelled out here),
 the SFT loss mask, call-id normalisation, tool declarations, and render → parse round trips."""
 
 from __future__ import annotations

@@ -388,7 +388,8 @@ def test_kimi_k2_softmax_scale_and_yarn_frequencies():
     inv_freq, multiplier = rope_frequencies(config)
     base = [50000.0 ** (-2 * i / 64) for i in range(32)]
     assert multiplier == 1.0
-    assert inv_freq[:20] == pytest.approx(base[:20])  # k2-reference §2.3: pairs 0–19 keep the base frequency
+    # Kimi-K2's YaRN (factor 32, beta_fast 32): pairs 0–19 keep the base frequency
+    assert inv_freq[:20] == pytest.approx(base[:20])
     assert inv_freq[20:] == pytest.approx([f / 32 for f in base[20:]])  # pairs 20–31 are divided by 32
 
 

@@ -1,5 +1,6 @@
-"""Tokenizers: the built-in byte tokenizer and Kimi-K2's tiktoken format, checked against k2-reference §6 (ids
-spelled out here independently) and against tiktoken's pure-Python educational BPE as the encoding oracle."""
+"""Tokenizers: the built-in byte tokenizer and Kimi-K2's tiktoken format, checked against the released Kimi-K2
+tokenizer (ids spelled out here independently) and against tiktoken's pure-Python educational BPE as the encoding
+oracle."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from k2.data.tokenizer import (
 )
 from k2.errors import DataError
 
-# k2-reference §6, written out again so a typo in k2.data.tokenizer cannot hide.
+# The released layout, written out again so a typo in k2.data.tokenizer cannot hide.
 SPEC_IDS = {
     "[BOS]": 163584,
     "[EOS]": 163585,

@@ -1,6 +1,6 @@
 """Kimi-K2 conversation format: OpenAI-style messages + tools → text / token ids + SFT loss mask, and back.
 
-Source: k2-reference §6 (released token names, not the tech report's App. B spelling):
+Source: the released Kimi-K2 tokenizer and chat template (released token names, not the tech report's App. B spelling):
 
     <|im_system|>tool_declare<|im_middle|>{tools, compact JSON}<|im_end|>            (only when tools are given)
     <|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>

@@ -1,6 +1,6 @@
 """Tokenizers: a built-in byte tokenizer and Kimi-K2's tiktoken BPE, behind one small protocol.
 
-Source: k2-reference §6 (Kimi-K2 ``tiktoken.model``: 163,584 base ranks + 256 special ids 163584–163839, the
+Source: the released Kimi-K2 tokenizer (``tiktoken.model``: 163,584 base ranks + 256 special ids 163584–163839, the
 pre-tokeniser regex of Moonshot's ``tokenization_kimi.py``, input split into ≤ 400k-char pieces and runs of
 ≤ 25k whitespace / non-whitespace characters so tiktoken never sees a pathological run).
 
@@ -28,7 +28,7 @@ import tiktoken
 
 from k2.errors import DataError
 
-# Kimi-K2 layout of the special ids (k2-reference §6).
+# Kimi-K2 layout of the special ids (the released tokenizer_config.json).
 KIMI_NUM_BASE_TOKENS = 163_584
 NUM_SPECIAL_SLOTS = 256
 KIMI_SPECIAL_TOKENS: dict[str, int] = {

@@ -1,5 +1,5 @@
 """``ModelConfig``: the MLA + MoE architecture, with the field names and meanings of the DeepSeek-V3 / Kimi-K2
-``config.json`` (k2-reference §2.2), so a checkpoint's config maps onto it key by key.
+``config.json`` (the released Kimi-K2 / DeepSeek-V3 configs), so a checkpoint's config maps onto it key by key.
 
 ``rope_scaling`` uses the DeepSeek dict (``{"type": "yarn", "factor", "original_max_position_embeddings",
 "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}``) or None for plain RoPE. ``from_dict`` also accepts the

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints (DeepSeek-V3 / Kimi-K2 / Moonlight format) ⇄ ``k2.model.Transformer``.
 
-Format (k2-reference §2.4): ``config.json`` plus safetensors shards with ``model.safetensors.index.json``;
-tensors named ``model.layers.N.self_attn.q_a_proj.weight`` ..., ``lm_head.weight``, routed experts one tensor per
+Format (the released Kimi-K2 / DeepSeek-V3 checkpoints): ``config.json`` plus safetensors shards with
+``model.safetensors.index.json``; tensors named ``model.layers.N.self_attn.q_a_proj.weight`` ..., ``lm_head.weight``, routed experts one tensor per
 expert (``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``), which k2 stacks into ``w_gate/w_up
 [E, F, D]`` and ``w_down [E, D, F]``. FP8 checkpoints store E4M3 weights with a ``<name>_scale_inv`` fp32 sibling
 per 128×128 block (multiplicative, despite the name); DeepSeek-V3 leaves embeddings, LM head, norms and the

@@ -1,6 +1,6 @@
 """Named model configurations: the released Kimi K2, Moonlight and DeepSeek-V3 configs, and two small ones.
 
-The real configs copy the public ``config.json`` values (k2-reference §2.2 for Kimi K2; Moonlight-16B-A3B and
+The real configs copy the public ``config.json`` values (moonshotai/Kimi-K2-Instruct for Kimi K2; Moonlight-16B-A3B and
 DeepSeek-V3 from their Hugging Face repos). ``Transformer(kimi_k2())`` is meant for the meta device.
 ``tiny`` (~1.5M parameters, vocab 512 for the built-in byte tokenizer) trains on a CPU in minutes; ``small``
 (~0.23B total, ~52M activated) is the CPU benchmark and a quick-experiment size. Both keep the K2 shape:

@@ -1,4 +1,4 @@
-"""ZeRO-1 distributed Muon (Moonlight §2.3, Algorithm 1; k2-reference §1.2) over a data-parallel process group.
+"""ZeRO-1 distributed Muon (Moonlight, arXiv 2502.16982 §2.3, Algorithm 1) over a data-parallel process group.
 
 Every rank holds the full parameters (data parallelism) but only a 1/W slice of the optimizer state: each
 parameter's flattened elements are cut into W equal chunks (the last padded) and rank r owns chunk r. One step:

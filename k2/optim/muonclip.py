@@ -7,7 +7,7 @@ AdamW (``torch.optim.AdamW``'s arithmetic via ``torch.optim.adam.adam``, betas (
 Which parameters get Muon (a group without ``use_muon`` is split in two by this rule; a group that sets it is taken
 as is, which is how to override): matrices and matrix stacks (``ndim >= 2``) get Muon, except the token embedding
 and the LM head, recognised by name (``embed`` or ``lm_head`` in the parameter name) — the report leaves K2's
-split unstated (k2-reference §1.1 [??]); this is Moonlight's. Vectors (norm gains, biases) get AdamW. Names come
+split unstated in the K2 report; this is Moonlight's. Vectors (norm gains, biases) get AdamW. Names come
 from named parameters (``model.named_parameters()`` or ``from_model``); unnamed parameters are split by shape
 only. A parameter named ``...e_score_correction_bias`` (the router's aux-loss-free bias, a buffer in k2 but a
 parameter in some ports) is never optimised: it follows the load-balancing rule, not the loss.

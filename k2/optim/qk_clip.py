@@ -1,4 +1,4 @@
-"""QK-Clip (Kimi K2 report §2.1, Algorithm 1; k2-reference §1.3): rescale the query/key weights of every attention
+"""QK-Clip (Kimi K2 report, arXiv 2507.20534 §2.1, Algorithm 1): rescale the query/key weights of every attention
 head whose largest pre-softmax logit in the last training forward exceeded τ, right after the optimizer update.
 
 For head h with recorded ``S_h`` (softmax scale included) and ``S_h > τ``: ``γ_h = τ / S_h``, and the weights

@@ -1,7 +1,7 @@
 """Learning-rate schedules: WSD (warm-up, stable, decay), and the Kimi K2 report's recipe as ``kimi_k2``.
 
 WSD ("warmup-stable-decay"): the rate rises linearly over ``warmup_steps`` to ``peak_lr``, stays there, and in the
-last ``decay_steps`` falls to ``min_lr`` along a cosine or a straight line. Kimi K2 (TR §2.5; k2-reference §3):
+last ``decay_steps`` falls to ``min_lr`` along a cosine or a straight line. Kimi K2 (arXiv 2507.20534 §2.5):
 500 warm-up steps, constant 2e-4 for 10T tokens, then cosine 2e-4 → 2e-5 over 5.5T of the 15.5T tokens, weight
 decay 0.1 throughout. ``kimi_k2(total_steps)`` keeps the 500 warm-up steps and the 5.5/15.5 decay fraction.
 (The report's later annealing and long-context stages, 2e-5 → 7e-6, are separate runs and not part of this.)

@@ -1,4 +1,4 @@
-"""Expert parallelism (Kimi K2 §3, k2-reference §3; DeepSeek-V3's EP): each of the ``ep`` ranks of an expert-parallel
+"""Expert parallelism (Kimi K2 report §2.4; DeepSeek-V3's EP): each of the ``ep`` ranks of an expert-parallel
 group keeps ``E/ep`` of every MoE layer's routed experts and the token copies travel to them by all-to-all.
 
 Dimension legend: T tokens on this rank, D model dim, K top-k, E routed experts (global), L = E/ep local experts,

@@ -1,5 +1,5 @@
 """The process layout of a distributed run: ``torch.distributed`` from torchrun's environment, a ``pp × dp``
-``DeviceMesh`` and the expert-parallel groups drawn from dp as in Kimi K2 (k2-reference §3).
+``DeviceMesh`` and the expert-parallel groups drawn from dp as in Kimi K2 (arXiv 2507.20534 §2.4).
 
 Layout (global rank = pp_index · dp + dp_rank):
 - ``dp``: the data-parallel ranks of one pipeline stage; each reads its slice of every global batch, holds the
