@@ -1,10 +1,11 @@
 """Hugging Face checkpoints (DeepSeek-V3 / Kimi-K2 / Moonlight format) ⇄ ``k2.model.Transformer``.
 
 Format (the released Kimi-K2 / DeepSeek-V3 checkpoints): ``config.json`` plus safetensors shards with
-``model.safetensors.index.json``; tensors named ``model.layers.N.self_attn.q_a_proj.weight`` ..., ``lm_head.weight``, routed experts one tensor per
-expert (``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``), which k2 stacks into ``w_gate/w_up
-[E, F, D]`` and ``w_down [E, D, F]``. FP8 checkpoints store E4M3 weights with a ``<name>_scale_inv`` fp32 sibling
-per 128×128 block (multiplicative, despite the name); DeepSeek-V3 leaves embeddings, LM head, norms and the
+``model.safetensors.index.json``; tensors named ``model.layers.N.self_attn.q_a_proj.weight`` ...,
+``lm_head.weight``, routed experts one tensor per expert (``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``),
+which k2 stacks into ``w_gate/w_up [E, F, D]`` and ``w_down [E, D, F]``. FP8 checkpoints store E4M3 weights with a
+``<name>_scale_inv`` fp32 sibling per 128×128 block (multiplicative, despite the name); DeepSeek-V3 leaves
+embeddings, LM head, norms and the
 router in bf16/fp32, and so does :func:`save_hf`.
 
 Loading builds the model on the meta device, allocates it once at the target dtype and copies tensors in shard
