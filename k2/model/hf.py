@@ -5,8 +5,7 @@ Format (the released Kimi-K2 / DeepSeek-V3 checkpoints): ``config.json`` plus sa
 ``lm_head.weight``, routed experts one tensor per expert (``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``),
 which k2 stacks into ``w_gate/w_up [E, F, D]`` and ``w_down [E, D, F]``. FP8 checkpoints store E4M3 weights with a
 ``<name>_scale_inv`` fp32 sibling per 128×128 block (multiplicative, despite the name); DeepSeek-V3 leaves
-embeddings, LM head, norms and the
-router in bf16/fp32, and so does :func:`save_hf`.
+embeddings, LM head, norms and the router in bf16/fp32, and so does :func:`save_hf`.
 
 Loading builds the model on the meta device, allocates it once at the target dtype and copies tensors in shard
 by shard, so peak memory is about the model plus one shard. Layers past ``num_hidden_layers`` (DeepSeek-V3's
