@@ -1,4 +1,5 @@
-"""A real ``k2 serve`` process on loopback for tests: started on a free port, its URL read from its start-up line."""
+"""A real ``k2 serve`` process on loopback for tests: started on a free port, its URL read from its start-up line; and
+the random tiny checkpoint the serving tests share."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+from k2.data.tokenizer import ByteTokenizer
+from k2.model import Transformer, presets, save_hf
+
+
+def save_tiny_checkpoint(path: Path) -> None:
+    """A random ``tiny`` model (seed 0, fp32) and the byte tokenizer at ``path``; the LM head is sharpened so argmax
+    margins are clear and batched and single runs pick the same tokens."""
+    torch.manual_seed(0)
+    model = Transformer(presets.tiny())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    save_hf(model, path, dtype=torch.float32)
+    ByteTokenizer().save(path)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import torch
 from _fake_openai import fake_openai, fake_openai_process
+from _serve import save_tiny_checkpoint
 
 from k2.agentic import (
     BackendError,
@@ -27,11 +27,9 @@ from k2.agentic import (
     stable_id,
 )
 from k2.data import chat
-from k2.data.tokenizer import ByteTokenizer
 from k2.errors import ConfigError, DataError
 from k2.infer import Engine, SamplingParams
 from k2.infer.loading import load_checkpoint
-from k2.model import Transformer, presets, save_hf
 
 USER = [{"role": "user", "content": "hello there"}]
 
@@ -237,12 +235,7 @@ def test_fixture_as_a_subprocess(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("agentic") / "ckpt"
-    torch.manual_seed(0)
-    model = Transformer(presets.tiny())
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # clear argmax margins: batched and single runs pick the same tokens
-    save_hf(model, path, dtype=torch.float32)
-    ByteTokenizer().save(path)
+    save_tiny_checkpoint(path)
     return path
 
 

@@ -13,14 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from _serve import serve_process
+from _serve import save_tiny_checkpoint, serve_process
 
 from k2.data import chat
 from k2.data.tokenizer import ByteTokenizer
 from k2.infer import Engine, SamplingParams
 from k2.infer.loading import load_checkpoint
 from k2.infer.openai_protocol import ChatCompletionRequest, ChoiceStream, build_choice, build_prompt
-from k2.model import Transformer, presets, save_hf
 
 MODEL = "k2-tiny"
 MAX_SEQ_LEN = 1024
@@ -37,19 +36,10 @@ TOOLS = [
 ]
 
 
-def _save_tiny(path) -> None:
-    torch.manual_seed(0)
-    model = Transformer(presets.tiny())
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # clear argmax margins: batched and single runs pick the same tokens
-    save_hf(model, path, dtype=torch.float32)
-    ByteTokenizer().save(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "ckpt"
-    _save_tiny(path)
+    save_tiny_checkpoint(path)
     return path
 
 
