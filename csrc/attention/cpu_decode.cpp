@@ -50,15 +50,15 @@ struct Blocking {
     static constexpr int NV = W == 16 ? 4 : 2;
 };
 
-// S[i, j] = <Q[i], K[j]> for MR heads and NJ rows; D a multiple of W.
+// S[i, j] = <Q[i], K[j]> for MR heads and NJ rows; D a multiple of W; Q rows D apart, K rows ldk apart.
 template <int W, int MR, int NJ>
-K2_ALWAYS_INLINE void dot_block(const float* Q, const float* K, int64_t D, float* S, int64_t lds) {
+K2_ALWAYS_INLINE void dot_block(const float* Q, const float* K, int64_t ldk, int64_t D, float* S, int64_t lds) {
     Vec<W> acc[MR][NJ];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NJ; ++j) acc[i][j] = Vec<W>{};
     for (int64_t d = 0; d < D; d += W) {
         Vec<W> k[NJ];
-        for (int j = 0; j < NJ; ++j) k[j] = load<W>(K + j * D + d);
+        for (int j = 0; j < NJ; ++j) k[j] = load<W>(K + j * ldk + d);
         for (int i = 0; i < MR; ++i) {
             const Vec<W> q = load<W>(Q + i * D + d);
             for (int j = 0; j < NJ; ++j) acc[i][j] += q * k[j];
@@ -68,21 +68,22 @@ K2_ALWAYS_INLINE void dot_block(const float* Q, const float* K, int64_t D, float
         for (int j = 0; j < NJ; ++j) S[i * lds + j] = hsum(acc[i][j]);
 }
 
-// S [H, lds] = Q [H, D] K [n, D]^T. Row groups outer, so a group's NJ rows stay in L1 while every head meets them.
+// S [H, lds] = Q [H, D] K [n, D]^T, K rows ldk apart. Row groups outer, so a group's NJ rows stay in L1 while every
+// head meets them.
 template <int W>
-K2_ALWAYS_INLINE void scores(const float* Q, int64_t heads, const float* K, int64_t n, int64_t D, float* S,
+K2_ALWAYS_INLINE void scores(const float* Q, int64_t heads, const float* K, int64_t ldk, int64_t n, int64_t D, float* S,
                              int64_t lds) {
     constexpr int MR = Blocking<W>::MR, NJ = Blocking<W>::NJ;
     int64_t j = 0;
     for (; j + NJ <= n; j += NJ) {
         int64_t h = 0;
-        for (; h + MR <= heads; h += MR) dot_block<W, MR, NJ>(Q + h * D, K + j * D, D, S + h * lds + j, lds);
-        for (; h < heads; ++h) dot_block<W, 1, NJ>(Q + h * D, K + j * D, D, S + h * lds + j, lds);
+        for (; h + MR <= heads; h += MR) dot_block<W, MR, NJ>(Q + h * D, K + j * ldk, ldk, D, S + h * lds + j, lds);
+        for (; h < heads; ++h) dot_block<W, 1, NJ>(Q + h * D, K + j * ldk, ldk, D, S + h * lds + j, lds);
     }
     for (; j < n; ++j) {
         int64_t h = 0;
-        for (; h + MR <= heads; h += MR) dot_block<W, MR, 1>(Q + h * D, K + j * D, D, S + h * lds + j, lds);
-        for (; h < heads; ++h) dot_block<W, 1, 1>(Q + h * D, K + j * D, D, S + h * lds + j, lds);
+        for (; h + MR <= heads; h += MR) dot_block<W, MR, 1>(Q + h * D, K + j * ldk, ldk, D, S + h * lds + j, lds);
+        for (; h < heads; ++h) dot_block<W, 1, 1>(Q + h * D, K + j * ldk, ldk, D, S + h * lds + j, lds);
     }
 }
 
@@ -175,14 +176,26 @@ K2_ALWAYS_INLINE void decode_split(const DecodeParams& p, const Split& it, const
     std::memset(o_acc, 0, sizeof(float) * H * rp);
 
     const T* rows = static_cast<const T*>(p.cache) + it.b * p.cache_batch_stride;
+    // NOTE: fp32 rows whose width needs no padding (and covers the padded value columns) are read in place; bf16
+    // rows and other widths are widened into the tile first.
+    const bool in_place = std::is_same_v<T, float> && dp == D && rp <= D;
     const Vec<W> lane = iota<W>();
     for (int64_t k0 = it.begin; k0 < it.end; k0 += BLOCK_N) {
         const int64_t n = std::min(BLOCK_N, it.end - k0);
-        // Load: n cache rows, widened once for all heads.
-        for (int64_t j = 0; j < n; ++j) widen_row<T, W>(rows + (k0 + j) * p.cache_row_stride, D, tile + j * dp, dp);
+        // Load: n cache rows, widened once for all heads (or read where they are).
+        const float* keys = tile;
+        int64_t ldk = dp;
+        if constexpr (std::is_same_v<T, float>) {
+            if (in_place) {
+                keys = rows + k0 * p.cache_row_stride;
+                ldk = p.cache_row_stride;
+            }
+        }
+        if (keys == tile)
+            for (int64_t j = 0; j < n; ++j) widen_row<T, W>(rows + (k0 + j) * p.cache_row_stride, D, tile + j * dp, dp);
 
         // Scores: S = Q K^T over all D (c_kv and k_rope).
-        scores<W>(q, H, tile, n, dp, s, BLOCK_N);
+        scores<W>(q, H, keys, ldk, n, dp, s, BLOCK_N);
 
         // Online softmax per head: scale, mask the columns past n, new max, P = exp(S - m), rescale O if m grew.
         for (int64_t h = 0; h < H; ++h) {
@@ -210,8 +223,8 @@ K2_ALWAYS_INLINE void decode_split(const DecodeParams& p, const Split& it, const
             l_row[h] += hsum(sum);
         }
 
-        // Values: O += P C, C the tile's first r_pad columns (columns r.. are k_rope or padding: outputs discarded).
-        values<W>(s, BLOCK_N, H, tile, dp, n, o_acc, rp);
+        // Values: O += P C, C the rows' first r_pad columns (columns r.. are k_rope or padding: outputs discarded).
+        values<W>(s, BLOCK_N, H, keys, ldk, n, o_acc, rp);
     }
 
     // Epilogue: normalise; the only split writes o and lse, others a partial.
