@@ -199,6 +199,11 @@ def bench_schema(name: str, batch: int, new_tokens: int, repeats: int) -> dict:
     }
 
 
+def _write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
 def main_schema(args: argparse.Namespace) -> None:
     rows = [bench_schema(p, b, args.new_tokens, args.repeats) for p in args.presets for b in args.schema_batches]
     print(
@@ -211,8 +216,7 @@ def main_schema(args: argparse.Namespace) -> None:
             f"{r['preset']:8} {r['batch']:5d} {r['free_decode_tok_s']:11.1f} {r['schema_decode_tok_s']:13.1f} "
             f"{r['ratio']:6.2f} {r['grammar_us_per_step']:16.1f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    _write_json(args, rows)
 
 
 def main() -> None:
@@ -245,8 +249,7 @@ def main() -> None:
             f"{r['preset']:8} {r['k2_decode_tok_s']:9.1f} {r['hf_decode_tok_s']:9.1f} {r['speedup']:8.2f}x "
             f"{r['k2_cache_bytes_per_token']:9d} {r['hf_cache_bytes_per_token']:9.0f}  {r['greedy_tokens_equal']}"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    _write_json(args, rows)
 
 
 if __name__ == "__main__":
