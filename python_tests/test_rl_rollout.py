@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import torch
 
-from k2.data import chat
+from k2.data import chat, toolgen
 from k2.data.tokenizer import ByteTokenizer
 from k2.infer.engine import Engine, TokenEvent
 from k2.model import Transformer, presets
@@ -51,6 +52,28 @@ def test_heldout_split_is_disjoint():
     ans = {(p.messages[0]["content"]) for p in (train.sample(rng) for _ in range(300))}
     held_q = {(p.messages[0]["content"]) for p in (held.sample(rng) for _ in range(100))}
     assert held_q and not ans & held_q
+
+
+def test_sft_mental_arithmetic_restates_and_never_shows_heldout_problems():
+    """The built-in SFT data's tool-free arithmetic: the answer restates the question's expression with its exact
+    result (Python integer arithmetic as the oracle), its last number is what the exact-answer reward accepts,
+    and no dialogue asks a problem of k2 rl's held-out split."""
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "plus": "+", "minus": "-", "times": "*"}
+    pattern = re.compile(r"^(\d) ?([-+*]|plus|minus|times) ?(\d)$")
+    held = ArithmeticTask(heldout=True)
+    rng = random.Random(1)
+    held_qs = {held.sample(rng).messages[0]["content"] for _ in range(400)}
+    mental = [d for d in toolgen.generate(600, seed=3) if not d["tools"] and len(d["messages"]) == 2]
+    assert len(mental) > 400  # most dialogues are mental arithmetic (short: a minority of the tokens)
+    for d in mental:
+        question, answer = d["messages"][0]["content"], d["messages"][1]["content"]
+        assert question not in held_qs
+        core = re.sub(r"^(What is |Compute |calculate )|[?.]$| = \?$", "", question)
+        a, op, b = pattern.match(core).groups()
+        sym = ops.get(op) if op in ("plus", "minus", "times") else op
+        assert answer == f"{a}{sym}{b}={ops[sym](int(a), int(b))}", (question, answer)
+        assert exact_answer_reward([None], [answer], answer=[str(ops[sym](int(a), int(b)))]) == [1.0]
+    assert len(held_qs) > 20
 
 
 def test_single_turn_env():

@@ -2,7 +2,9 @@
 
 Four document kinds, mixed uniformly, each with a fixed prefix so the model can tell them apart:
 
-- ``arith``: lines ``a+b=c``, ``a-b=c``, ``a*b=c`` with exact results (needs carries and digit alignment);
+- ``arith``: lines ``a+b=c``, ``a-b=c``, ``a*b=c`` with exact results; three in four are single-digit facts (what
+  ``k2 sft``'s tool-free arithmetic restates and ``k2 rl``'s default task rewards), the rest need carries and digit
+  alignment;
 - ``copy`` / ``rev``: a random letter string, ``|``, then the same string or its reversal (needs attention to
   an exact earlier position);
 - ``recall``: key=value pairs, then queries ``key?value`` for keys chosen from the whole list (needs attention
@@ -37,12 +39,9 @@ def _arith(rng: random.Random) -> str:
     lines = []
     for _ in range(rng.randint(3, 8)):
         op = rng.choice("+-*")
-        if op == "*":
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            c = a * b
-        else:
-            a, b = rng.randint(0, 999), rng.randint(0, 999)
-            c = a + b if op == "+" else a - b
+        top = 9 if rng.random() < 0.75 else 99 if op == "*" else 999  # mostly single-digit facts
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        c = a * b if op == "*" else a + b if op == "+" else a - b
         lines.append(f"{a}{op}{b}={c}")
     return "arith:\n" + "\n".join(lines)
 

@@ -170,6 +170,7 @@ _KEYS = ("locker code", "wifi password", "parking spot", "favorite color", "dent
 _KEYS += ("room", "flight", "order id", "pet name", "book", "team")
 _WORDS = ("blue", "green", "C12", "B7", "dr kim", "tuesday", "luna", "rex", "dune", "red team", "x9z", "4821")
 _OPS = (("+", "plus"), ("-", "minus"), ("*", "times"), ("/", "divided by"))
+MENTAL_OPS = _OPS[:3]  # single-digit questions answered without the calculator (integer results)
 
 
 def _call(name: str, args: dict[str, Any], idx: int) -> dict[str, Any]:
@@ -208,11 +209,26 @@ class _Dialogue:
         self.messages.append({"role": "assistant", "content": text})
 
 
-def _arith_case(rng: random.Random) -> tuple[str, str]:
-    sym, word = rng.choice(_OPS)
-    a, b = rng.randint(2, 999), rng.randint(2, 99)
+HELDOUT_BUCKETS = 10  # one single-digit expression in HELDOUT_BUCKETS is kept out of the SFT data (k2 rl's held-out)
+
+
+def is_heldout(expression: str) -> bool:
+    """Whether ``expression`` (``"a OP b"``) belongs to the held-out tenth, by a CRC-32 of its text: ``k2 rl``
+    scores held-out accuracy on these and the built-in SFT data never shows them."""
+    return zlib.crc32(expression.encode()) % HELDOUT_BUCKETS == 0
+
+
+def arith_question(rng: random.Random, a: int, op: tuple[str, str], b: int) -> str:
+    """How the built-in data asks for ``a OP b`` (``op`` = (symbol, word)), one of four phrasings."""
+    sym, word = op
     expr = f"{a} {sym} {b}"
-    return expr, rng.choice((f"What is {a} {word} {b}?", f"Compute {expr}.", f"calculate {a}{sym}{b}", f"{expr} = ?"))
+    return rng.choice((f"What is {a} {word} {b}?", f"Compute {expr}.", f"calculate {a}{sym}{b}", f"{expr} = ?"))
+
+
+def _arith_case(rng: random.Random) -> tuple[str, str]:
+    op = rng.choice(_OPS)
+    a, b = rng.randint(2, 999), rng.randint(2, 99)
+    return f"{a} {op[0]} {b}", arith_question(rng, a, op, b)
 
 
 def _calc(d: _Dialogue, rng: random.Random) -> None:
@@ -290,6 +306,18 @@ def _memory(d: _Dialogue, rng: random.Random) -> None:
     d.answer(f"Your {key} is {result}.")
 
 
+def _mental(d: _Dialogue, rng: random.Random) -> None:
+    """Single-digit arithmetic answered without a tool, restating the expression as the pre-training corpus writes
+    it (``3+4=7``): the model copies the operands, then the corpus's arithmetic gives the result."""
+    while True:
+        op = rng.choice(MENTAL_OPS)
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if not is_heldout(f"{a} {op[0]} {b}"):
+            break
+    d.user(arith_question(rng, a, op, b))
+    d.answer(f"{a}{op[0]}{b}={calculate(f'{a} {op[0]} {b}')}")
+
+
 def _smalltalk(d: _Dialogue, rng: random.Random) -> None:
     d.user(rng.choice(("Hi!", "Hello there.", "Thanks!", "Who are you?")))
     d.answer("Hello! I can calculate, convert units, remember things and look up the weather.")
@@ -306,17 +334,19 @@ _KINDS: tuple[tuple[Callable[[_Dialogue, random.Random], None], tuple[str, ...],
     (_mixed_parallel, ("calculator", "get_weather"), 2, False),
     (_memory, ("kv_set", "kv_get"), 3, False),
     (_smalltalk, (), 1, True),
+    # Short (~30 tokens, no tool declared): ~87 % of the dialogues, a third of the tokens.
+    (_mental, (), 150, False),
 )
 
 
 def dialogue(rng: random.Random) -> dict[str, Any]:
     """One random dialogue ``{"messages", "tools"}``: the tools it needs, plus another one (a distractor) for
-    40 % of the short kinds and for every dialogue that needs none; at most 1024 byte tokens."""
+    40 % of the short kinds and for small talk (mental arithmetic declares none); at most 1024 byte tokens."""
     builder, needed, _, distractor = rng.choices(_KINDS, weights=[k[2] for k in _KINDS])[0]
     d = _Dialogue()
     builder(d, rng)
     names = list(needed)
-    if not names or (distractor and rng.random() < 0.4):
+    if distractor and (not names or rng.random() < 0.4):
         names.append(rng.choice([n for n in TOOLS if n not in names]))
     rng.shuffle(names)
     return {"messages": d.messages, "tools": [TOOLS[n] for n in names]}

@@ -1,27 +1,26 @@
 """The built-in verifiable task of ``k2 rl``'s embedded default: arithmetic questions in the chat format, with an
 exact-answer reward.
 
-The questions are phrased as the built-in SFT dialogues ask them (``k2.data.toolgen``: "What is 412 plus 37?",
-"Compute 412 + 37.", ...) and ``arith_tools`` declares the same ``calculator`` schema, so the prompts render as in
-SFT. The default ``k2 pretrain && k2 sft`` model (1.5 M parameters, minutes of training) has learnt the call format
-but not to copy numbers: it calls the calculator with an expression of its own (greedy: the same one for every
-question) and answers with a number unrelated to the tool's result, so it scores ~1-2 % at T=1 by chance. Two
-environments:
+The questions are phrased as the built-in SFT dialogues ask them (``k2.data.toolgen.arith_question``: "What is 4
+plus 7?", "Compute 4 + 7.", ...). Two environments:
 
-- ``arith``: single turn, no tools declared; the model must write the number itself;
+- ``arith`` (the default): single turn, no tools declared; the model writes the answer itself. The built-in SFT
+  data teaches it to restate the expression as the pre-training corpus writes it (``4+7=11``), so the result comes
+  from the corpus's arithmetic;
 - ``arith_tools``: the ``calculator`` tool is declared and executed (``k2.data.toolgen.execute``); the model calls
-  it, reads the result (tool tokens are masked out of the loss) and answers, up to ``max_turns`` turns.
+  it, reads the result (tool tokens are masked out of the loss) and answers, up to ``max_turns`` turns. The default
+  ``tiny`` model does not copy the operands into the call, so it scores at chance here.
 
 The reward, :func:`exact_answer_reward`, is 1 when the last number in the final assistant message equals the
-``answer`` column, else 0. Problems are split by a hash of their expression: one in ten is held out (never
-sampled for training), and the held-out accuracy is measured on those.
+``answer`` column, else 0. Problems are split by a hash of their expression (``k2.data.toolgen.is_heldout``): one
+in ten is held out (never sampled for training, absent from the built-in SFT data), and the held-out accuracy is
+measured on those.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +28,6 @@ from k2.data import toolgen
 from k2.rl.env import ChatEnv, Problem, RewardFn
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_OPS = (("+", "plus"), ("-", "minus"), ("*", "times"))
-HELDOUT_BUCKETS = 10  # one expression in HELDOUT_BUCKETS is held out
 
 
 def final_text(completion: Any) -> str:
@@ -63,7 +60,7 @@ def exact_answer_reward(prompts: Sequence[Any], completions: Sequence[Any], answ
 
 class ArithmeticTask:
     """``a OP b`` with ``a`` in [0, max_a], ``b`` in [0, max_b], OP in + - *; ``heldout`` picks the held-out
-    tenth (by a CRC-32 of the expression) instead of the training nine tenths."""
+    tenth (``k2.data.toolgen.is_heldout``) instead of the training nine tenths."""
 
     def __init__(
         self, *, max_a: int = 9, max_b: int = 9, tools: bool = False, heldout: bool = False, name: str | None = None
@@ -71,18 +68,14 @@ class ArithmeticTask:
         self.max_a, self.max_b, self.tools, self.heldout = max_a, max_b, tools, heldout
         self.name = name or ("arith_tools" if tools else "arith")
 
-    @staticmethod
-    def is_heldout(expression: str) -> bool:
-        return zlib.crc32(expression.encode()) % HELDOUT_BUCKETS == 0
-
     def sample(self, rng: random.Random) -> Problem:
         while True:
-            sym, word = rng.choice(_OPS)
+            op = rng.choice(toolgen.MENTAL_OPS)
             a, b = rng.randint(0, self.max_a), rng.randint(0, self.max_b)
-            expr = f"{a} {sym} {b}"
-            if self.is_heldout(expr) == self.heldout:
+            expr = f"{a} {op[0]} {b}"
+            if toolgen.is_heldout(expr) == self.heldout:
                 break
-        question = rng.choice((f"What is {a} {word} {b}?", f"Compute {expr}.", f"calculate {a}{sym}{b}", f"{expr} = ?"))
+        question = toolgen.arith_question(rng, a, op, b)
         tools = [toolgen.TOOLS["calculator"]] if self.tools else None
         return Problem([{"role": "user", "content": question}], {"answer": toolgen.calculate(expr)}, tools)
 
