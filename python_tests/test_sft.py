@@ -30,7 +30,7 @@ from k2.train.sft import latest_pretrain_export, sft
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MICRO_SFT = [
-    "data.generated=40",
+    "data.generated=300",  # ~40 with tools (the rest is short tool-free arithmetic)
     "data.heldout_fraction=0.15",
     "train.batch_size=2",
     "train.steps=12",
@@ -73,7 +73,7 @@ def test_a_run_records_tool_call_metrics_before_and_after(finished_run: Path, ba
     for key in ("tool_call_validity", "tool_call_exact", "tool_call_validity_start", "tool_call_exact_start"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["tool_turns"] == 3 and summary["steps"] == 12 and summary["base_model"] == str(base.resolve())
-    assert summary["train_conversations"] + summary["heldout_conversations"] == 40
+    assert summary["train_conversations"] + summary["heldout_conversations"] == 300
     evals = [r for r in read_metrics(finished_run) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert all({"eval_loss", "tool_call_validity", "tool_call_exact"} <= set(r) for r in evals)

@@ -89,7 +89,7 @@ class OptimSection:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSection:
-    steps: int = 150  # optimizer steps
+    steps: int = 300  # optimizer steps
     batch_size: int = 8  # GLOBAL sequences per micro-batch, over all data-parallel ranks (parallel.dp divides it)
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model initialisation
@@ -194,7 +194,7 @@ class SFTDataSection:
     pack: bool = True  # several conversations per row, attention masked per conversation; false: one per row, padded
     too_long: Literal["skip", "error"] = "skip"
     heldout_fraction: float = 0.04  # conversations held out (by a hash of the record) for evaluation
-    generated: int = 3000  # built-in dialogues (path = "")
+    generated: int = 23000  # built-in dialogues (path = ""): ~3,000 with tools, ~20,000 short mental arithmetic
     generator_seed: int = 0
     seed: int = 0  # order of the training rows
 
@@ -218,9 +218,9 @@ class SFTConfig(_RunConfig):
     optim: OptimSection = field(
         default_factory=lambda: OptimSection(lr=6e-3, warmup_steps=10, decay_fraction=0.4, weight_decay=0.0)
     )
-    # batch_size counts rows: 3 packed rows of 2048 tokens hold ~9 built-in dialogues
+    # batch_size counts rows: 3 packed rows of 2048 tokens; 300 steps see the built-in dialogues about once
     train: TrainSection = field(
-        default_factory=lambda: TrainSection(steps=160, batch_size=3, log_every=20, checkpoint_every=80)
+        default_factory=lambda: TrainSection(steps=300, batch_size=3, log_every=20, checkpoint_every=100)
     )
     eval: SFTEvalSection = field(default_factory=SFTEvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
