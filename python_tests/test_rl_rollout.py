@@ -76,6 +76,17 @@ def test_sft_mental_arithmetic_restates_and_never_shows_heldout_problems():
     assert len(held_qs) > 20
 
 
+def test_default_ptx_data_is_tool_use_only():
+    """The default PTX rows are built-in dialogues that declare tools (what PTX guards against forgetting), none of
+    them the tool-free arithmetic the default RL task grades, and at most 512 of them."""
+    from k2.rl.config import build_rl_config
+    from k2.rl.loop import ptx_rows
+
+    rows = ptx_rows(build_rl_config(), TOK, 1024)
+    assert 400 < len(rows) <= 512
+    assert all(TOK.decode(ids[:16]).startswith(f"{chat.IM_SYSTEM}tool_declare") for ids, _ in rows)
+
+
 def test_single_turn_env():
     env = builtin_env("arith", TOK)
     obs, info = env.reset(seed=3)

@@ -59,7 +59,7 @@ class RLSection:
     # τ = 0.05, and MuonClip normalises the update, so at 0.1 PTX steered it: reward 0.59 -> 0.64 and held-out
     # accuracy 27 -> 20 % where PTX off gave 0.69 -> 0.79 and 27 -> 42 % (same SFT model, README).
     ptx_weight: float = 0.01
-    ptx_data: str = ""  # .jsonl/.parquet chat records for PTX; "" = the built-in tool-use dialogues
+    ptx_data: str = ""  # .jsonl/.parquet chat records for PTX; "" = built-in dialogues that declare tools
     ptx_batch_size: int = 2  # PTX conversations per optimizer step
     temperature_start: float = 1.0
     temperature_end: float = 0.7

@@ -130,7 +130,8 @@ def temperature(config: RLConfig, iteration: int) -> float:
 
 
 def ptx_rows(config: RLConfig, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """The PTX data as (ids, loss mask) rows: ``rl.ptx_data`` chat records, or the built-in tool-use dialogues."""
+    """The PTX data as (ids, loss mask) rows: ``rl.ptx_data`` chat records, or 512 built-in dialogues that declare
+    tools (PTX guards the tool-use skills; the tool-free arithmetic is left out, since it is the default RL task)."""
     if config.rl.ptx_weight == 0:
         return []
     if config.rl.ptx_data:
@@ -138,7 +139,8 @@ def ptx_rows(config: RLConfig, tokenizer, max_len: int) -> list[tuple[list[int],
 
         records = [(r.messages, r.tools) for r in read_records(config.rl.ptx_data)]
     else:
-        records = [(d["messages"], d["tools"]) for d in toolgen.generate(512, seed=config.rl.seed + 1)]
+        dialogues = toolgen.generate(4096, seed=config.rl.seed + 1)  # ~13 % declare tools
+        records = [(d["messages"], d["tools"]) for d in dialogues if d["tools"]][:512]
     rows = []
     for messages, tools in records:
         ids, mask = chat.render(messages, tokenizer, tools=tools or None)
