@@ -13,6 +13,7 @@ import torch
 from k2.data import ByteTokenizer, chat, toolgen
 from k2.data.sft import IGNORE_INDEX, Record, SFTRows, check_record, encode, first_fit, read_records, tool_schemas
 from k2.errors import DataError
+from k2.model import document_layout
 
 TOK = ByteTokenizer()
 CALC = toolgen.TOOLS["calculator"]
@@ -223,9 +224,6 @@ def test_builtin_tool_simulators() -> None:
 
 
 def test_packed_batch_carries_the_document_layout() -> None:
-    document_layout = pytest.importorskip("k2.model").__dict__.get("document_layout")
-    if document_layout is None:
-        pytest.skip("k2.model.document_layout has not landed")
     convs, _ = encode([_record(d) for d in toolgen.generate(8, seed=2)], TOK, 1024)
     rows = SFTRows(convs, 2048, pack=True, pad_id=TOK.pad_id)
     assert len(rows) < len(convs)

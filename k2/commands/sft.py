@@ -2,8 +2,8 @@
 (``k2.train.sft``), or resume a run.
 
 With no arguments it runs the embedded default: the export of the latest ``k2 pretrain`` run in ``runs/``,
-fine-tuned on the built-in tool-use dialogues, on the CPU, in a few minutes, into ``runs/<timestamp>-sft``; the
-report shows the held-out tool-call validity before and after.
+fine-tuned on the built-in dialogues (tool use and tool-free arithmetic), on the CPU, in a few minutes, into
+``runs/<timestamp>-sft``; the report shows the held-out tool-call validity before and after.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--data",
         metavar="PATH",
         help='.jsonl / .parquet chat records ({"messages": [...], "tools": [...]}) or a directory of them '
-        "(default: the built-in tool-use dialogues)",
+        "(default: the built-in dialogues: tool use and tool-free arithmetic)",
     )
     add_run_arguments(
         p,

@@ -4,7 +4,9 @@ Kimi K2's SFT corpus is built from tool specs, agents, tasks and simulated traje
 2507.20534 §3.1). This module is the smallest stand-in that exercises the same format end to end: five small
 tools with JSON schemas, each backed by a deterministic simulator (``execute``), and dialogues in the OpenAI chat
 format (``{"messages": [...], "tools": [...]}``) with single and parallel calls, tool results and a final answer,
-multi-turn state (the key-value store) and a few turns that need no tool.
+multi-turn state (the key-value store) and a few turns that need no tool. Most dialogues (a third of the tokens)
+are tool-free single-digit arithmetic answered by restating the expression (``4+7=11``): what ``k2 rl``'s default
+task asks.
 
 Tools: ``calculator`` (arithmetic on + - * / and parentheses, evaluated over a Python AST, never ``eval``),
 ``convert_units`` (length, mass, temperature), ``kv_set`` / ``kv_get`` (a key-value store kept per dialogue),

@@ -7,8 +7,9 @@ checkpoints, ``--resume``, metrics, TensorBoard, plots, torchrun layouts and Hug
 
 - the model is a Hugging Face-format checkpoint (``model.path``; "" = the export of the latest ``k2 pretrain`` run
   in ``runs/``), its ``config.json`` is the model config and its tokenizer is the run's;
-- the data are chat records (``k2.data.sft``), or, with no ``data.path``, the built-in tool-use dialogues
-  (``k2.data.toolgen``); the loss covers only what the assistant produces; the held-out split is by conversation;
+- the data are chat records (``k2.data.sft``), or, with no ``data.path``, the built-in dialogues
+  (``k2.data.toolgen``: tool use, and short tool-free arithmetic); the loss covers only what the assistant
+  produces; the held-out split is by conversation;
 - every evaluation adds the tool-call metrics (``k2.train.tool_eval``) of the held-out tool-calling turns, and the
   starting checkpoint is evaluated as step 0 (``eval.at_start``), so ``summary.json`` holds the numbers before
   (``*_start``) and after fine-tuning.
@@ -100,7 +101,7 @@ def _records(cfg: SFTDataSection) -> tuple[list[Record], str]:
         return list(read_records(cfg.path)), cfg.path
     dialogues = toolgen.generate(cfg.generated, seed=cfg.generator_seed)
     records = [Record(f"built-in dialogue {i}", d["messages"], d["tools"]) for i, d in enumerate(dialogues)]
-    return records, f"built-in tool-use dialogues ({cfg.generated}, seed {cfg.generator_seed})"
+    return records, f"built-in dialogues ({cfg.generated}, seed {cfg.generator_seed})"
 
 
 def build_sft_data(cfg: SFTDataSection, tokenizer: Tokenizer, *, max_positions: int | None = None) -> SFTData:
